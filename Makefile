@@ -1,0 +1,46 @@
+# tinyserve: `make run` serves the bundled model and classifies a sample; `make test` runs
+# every check. Both create .venv and install everything they need, apt packages included.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: help install data run test lint typecheck pytest format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) data  ## create .venv with tinyserve[dev] and fetch the dataset
+
+data:  ## install Debian's dataset-fashion-mnist when it is missing
+	@bash scripts/ensure-dataset.sh
+
+run: install  ## classify the bundled samples with the bundled model
+	$(BIN)/tinyserve predict models/fashion-cnn samples/fashion
+
+test: install lint typecheck pytest  ## ruff, mypy and the whole pytest suite
+
+lint: $(STAMP)  ## ruff check and ruff format --check
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+typecheck: $(STAMP)  ## mypy --strict on src/
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,92 @@
+"""The one exception tree of tinyserve.
+
+    TinyServeError
+    ├── ConfigError              invalid configuration or command-line value
+    ├── DatasetError             a dataset is missing or malformed
+    ├── CheckpointError          a checkpoint cannot be read or does not fit
+    ├── ModelError               a model file is unusable
+    │   ├── ModelNotFound        no such model or version in the repository
+    │   └── ModelNotReady        the model exists but is not loaded yet
+    ├── InputError               a request input is unusable
+    │   ├── ImageDecodeError     the bytes are not a decodable image
+    │   ├── UnsupportedMediaType the content type or image format is not accepted
+    │   ├── PayloadTooLarge      too many bytes or too many pixels
+    │   └── InvalidParameter     a parameter is out of range or malformed
+    ├── Overloaded               the queue is full; retry later
+    ├── RateLimited              the client sent too many requests
+    └── InferenceTimeout         a request waited longer than its deadline
+
+Nothing here knows about HTTP: ``tinyserve.app`` maps each class to a status code.
+"""
+
+from __future__ import annotations
+
+
+class TinyServeError(Exception):
+    """Base class of every error tinyserve raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(TinyServeError):
+    code = "invalid_config"
+
+
+class DatasetError(TinyServeError):
+    code = "dataset_error"
+
+
+class CheckpointError(TinyServeError):
+    code = "checkpoint_error"
+
+
+class ModelError(TinyServeError):
+    code = "model_error"
+
+
+class ModelNotFound(ModelError):
+    code = "model_not_found"
+
+
+class ModelNotReady(ModelError):
+    code = "model_not_ready"
+
+
+class InputError(TinyServeError):
+    code = "invalid_input"
+
+
+class ImageDecodeError(InputError):
+    code = "invalid_image"
+
+
+class UnsupportedMediaType(InputError):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(InputError):
+    code = "payload_too_large"
+
+
+class InvalidParameter(InputError):
+    code = "invalid_parameter"
+
+
+class Overloaded(TinyServeError):
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(TinyServeError):
+    code = "rate_limited"
+
+
+class InferenceTimeout(TinyServeError):
+    code = "timeout"

@@ -1,0 +1,128 @@
+"""Model metadata that travels inside the ONNX file: labels, input contract and lineage.
+
+A tinyserve model takes uint8 pixels shaped ``[N, H, W, C]`` and does the rest of the
+preprocessing in its graph. What a server needs to build that input (size, colour mode,
+resize policy) and to name the outputs (labels) is stored in the model's ``metadata_props``
+under the ``tinyserve.*`` keys, so that evaluation and serving read one description.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tinyserve.errors import ModelError
+
+if TYPE_CHECKING:
+    import onnx
+
+LABELS_KEY = "tinyserve.labels"
+INPUT_KEY = "tinyserve.input"
+SOURCE_KEY = "tinyserve.source"
+
+COLOR_CHANNELS = {"L": 1, "RGB": 3}
+RESIZE_POLICIES = ("stretch", "crop")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How raw images become the model's uint8 ``[H, W, C]`` input.
+
+    ``resize="stretch"`` scales the image to ``height x width`` ignoring the aspect ratio;
+    ``resize="crop"`` scales the shorter side to ``size / crop_fraction`` and takes the
+    centre ``height x width`` crop. Transparent pixels are laid over ``background`` (0-255).
+    """
+
+    height: int
+    width: int
+    channels: int = 3
+    color: str = "RGB"
+    resize: str = "stretch"
+    crop_fraction: float = 1.0
+    background: int = 0
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"input size must be positive, got {self.height}x{self.width}")
+        if self.color not in COLOR_CHANNELS:
+            raise ValueError(f"color must be one of {sorted(COLOR_CHANNELS)}, got {self.color!r}")
+        if COLOR_CHANNELS[self.color] != self.channels:
+            raise ValueError(f"color {self.color!r} needs {COLOR_CHANNELS[self.color]} channels")
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
+        if not 0 <= self.background <= 255:
+            raise ValueError(f"background must be in 0..255, got {self.background}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a server needs to know about a model besides its graph."""
+
+    labels: tuple[str, ...]
+    input: InputSpec
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            LABELS_KEY: json.dumps(list(self.labels)),
+            INPUT_KEY: json.dumps(asdict(self.input)),
+            SOURCE_KEY: json.dumps(dict(self.source), sort_keys=True),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], where: str = "model") -> Manifest:
+        missing = [k for k in (LABELS_KEY, INPUT_KEY) if k not in metadata]
+        if missing:
+            raise ModelError(
+                f"{where} has no tinyserve metadata ({', '.join(missing)}); export it with "
+                "'tinyserve export' or bring it in with 'tinyserve import'"
+            )
+        try:
+            labels = tuple(str(x) for x in json.loads(metadata[LABELS_KEY]))
+            spec = InputSpec.from_dict(json.loads(metadata[INPUT_KEY]))
+            source = json.loads(metadata.get(SOURCE_KEY, "{}"))
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"{where} has malformed tinyserve metadata: {exc}") from exc
+        return cls(labels=labels, input=spec, source=source)
+
+    def with_source(self, **updates: Any) -> Manifest:
+        return Manifest(self.labels, self.input, {**self.source, **updates})
+
+
+def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> None:
+    """Store ``manifest`` in ``model.metadata_props``, replacing older tinyserve keys."""
+    keep = [p for p in model.metadata_props if not p.key.startswith("tinyserve.")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in manifest.to_metadata().items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read the manifest of the ONNX file at ``path`` without loading its weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises several unrelated types for bad files
+        raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
+    return Manifest.from_metadata({p.key: p.value for p in model.metadata_props}, str(path))

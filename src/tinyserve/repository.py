@@ -1,0 +1,130 @@
+"""The model repository: ``<repo>/<name>/<version>/model.onnx`` with an optional config.toml.
+
+Triton's layout: a folder per model, a numbered folder per version. The highest version is
+served unless ``config.toml`` pins one (``version = 1``). ``config.toml`` may also hold a
+``[batching]`` table, read by the server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from tinyserve.errors import ConfigError, ModelNotFound
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.toml"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's config.toml: which version to serve and server-side settings."""
+
+    version: int | None = None
+    batching: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ModelConfig:
+        path = model_dir / CONFIG_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        version = data.get("version")
+        if version is not None and (not isinstance(version, int) or version < 1):
+            raise ConfigError(f"{path}: version must be a positive integer, got {version!r}")
+        batching = data.get("batching", {})
+        if not isinstance(batching, dict):
+            raise ConfigError(f"{path}: [batching] must be a table")
+        return cls(version=version, batching=batching)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One version of one model on disk."""
+
+    name: str
+    version: int
+    path: Path
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"model name {name!r} must start with a letter or digit and use only letters, "
+            "digits, '.', '_' and '-'"
+        )
+    return name
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Versions under ``model_dir`` that hold a model file, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()
+    )
+
+
+def next_version(model_dir: Path) -> int:
+    """The version after every numbered folder already present (empty ones included)."""
+    if not model_dir.is_dir():
+        return 1
+    taken = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+    return max(taken, default=0) + 1
+
+
+def version_path(model_dir: Path, version: int) -> Path:
+    return model_dir / str(version) / MODEL_FILE
+
+
+def resolve(target: str | Path, version: int | None = None) -> ModelRef:
+    """Find a model file from a model folder, a ``folder:VERSION`` string or an .onnx path.
+
+    Without ``version`` the folder's pinned version (config.toml) or its highest is used.
+    """
+    text = str(target)
+    if version is None and ":" in text:
+        head, _, tail = text.rpartition(":")
+        if tail.isdigit():
+            text, version = head, int(tail)
+    path = Path(text)
+    if path.is_file():
+        if version is not None:
+            raise ConfigError(f"{path} is a model file; a version applies only to a model folder")
+        name = path.parent.parent.name if path.parent.name.isdigit() else path.stem
+        ver = int(path.parent.name) if path.parent.name.isdigit() else 1
+        return ModelRef(name, ver, path)
+    versions = list_versions(path)
+    if not versions:
+        raise ModelNotFound(
+            f"{path} is neither an .onnx file nor a model folder with <version>/{MODEL_FILE}"
+        )
+    chosen = version or ModelConfig.read(path).version or versions[-1]
+    if chosen not in versions:
+        raise ModelNotFound(
+            f"model {path.name!r} has no version {chosen}; available: "
+            f"{', '.join(map(str, versions))}"
+        )
+    return ModelRef(path.name, chosen, version_path(path, chosen))
+
+
+def discover(repo: Path) -> dict[str, Path]:
+    """Model folders in ``repo`` (those with at least one version), by name."""
+    if not repo.is_dir():
+        raise ConfigError(f"model repository {repo} does not exist")
+    return {
+        p.name: p
+        for p in sorted(repo.iterdir())
+        if p.is_dir() and _NAME.match(p.name) and list_versions(p)
+    }

@@ -1,0 +1,228 @@
+"""Export a checkpoint to a tinyserve ONNX model, and prove it matches PyTorch.
+
+The network is exported behind its preprocessing (``ServingModel``) so the file takes uint8
+``[N, H, W, C]`` pixels. Every export runs ``onnx.checker``, simplifies the graph with
+onnxslim, and compares PyTorch with ONNX Runtime on real images; the numbers go into the
+model's metadata and into ``export_report.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinyserve import __version__
+from tinyserve.datasets import ImageDataset, load_dataset
+from tinyserve.engine import Engine, EngineConfig
+from tinyserve.errors import ModelError
+from tinyserve.manifest import InputSpec, Manifest, write_manifest
+from tinyserve.repository import next_version, validate_name, version_path
+from tinyserve.training.models import ServingModel
+from tinyserve.training.train import build_from_checkpoint, load_checkpoint
+
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "logits"
+
+
+@dataclass(frozen=True)
+class ParityBar:
+    """How closely ONNX Runtime must match PyTorch for an export to be accepted."""
+
+    samples: int = 512
+    max_abs_diff: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.max_abs_diff <= 0:
+            raise ValueError("parity needs at least one sample and a positive tolerance")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: Path
+    name: str
+    repo: Path = Path("models")
+    version: int | None = None
+    data_dir: Path | None = None
+    parity: ParityBar = field(default_factory=ParityBar)
+    opset: int = 17
+    simplify: bool = True
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    report: dict[str, Any]
+
+
+def export_checkpoint(config: ExportConfig) -> ExportResult:
+    """Export ``config.checkpoint`` into ``repo/name/version/model.onnx`` and verify it."""
+    validate_name(config.name)
+    state = load_checkpoint(config.checkpoint)
+    model = build_from_checkpoint(state)
+    meta = state["meta"]
+    samples = parity_images(meta, config.data_dir, config.parity.samples)
+    manifest = Manifest(
+        labels=tuple(meta["labels"]),
+        input=InputSpec(
+            meta["height"],
+            meta["width"],
+            meta["in_channels"],
+            "L" if meta["in_channels"] == 1 else "RGB",
+        ),
+        source={
+            "architecture": meta["arch"],
+            "dataset": meta["dataset"],
+            "run_id": meta["run_id"],
+            "epoch": meta["epoch"],
+            "val_accuracy": round(float(meta["val_acc"]), 6),
+            "split": {
+                "val_fraction": meta["train_config"]["val_fraction"],
+                "seed": meta["train_config"]["seed"],
+            },
+            "mean": meta["mean"],
+            "std": meta["std"],
+            "parameters": sum(p.numel() for p in model.net.parameters()),
+            "checkpoint_sha256": _sha256(config.checkpoint),
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "tinyserve_version": __version__,
+        },
+    )
+    return export_model(model, manifest, samples, config)
+
+
+def export_model(
+    model: ServingModel,
+    manifest: Manifest,
+    samples: np.ndarray,
+    config: ExportConfig,
+) -> ExportResult:
+    """Write ``model`` with ``manifest`` into the repository once it passes the parity bar."""
+    import onnx
+
+    started = time.perf_counter()
+    onnx_model = to_onnx(model, manifest.input, config.opset)
+    if config.simplify:
+        import onnxslim
+
+        onnx_model = onnxslim.slim(onnx_model)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    write_manifest(onnx_model, manifest)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / "model.onnx"
+        onnx.save(onnx_model, str(candidate))
+        parity = check_parity(model, candidate, samples, config.parity)
+
+    manifest = manifest.with_source(parity=parity)
+    write_manifest(onnx_model, manifest)
+    model_dir = config.repo / config.name
+    version = config.version or next_version(model_dir)
+    path = version_path(model_dir, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".onnx.tmp")
+    onnx.save(onnx_model, str(tmp_path))
+    tmp_path.replace(path)
+    report = {
+        "model": config.name,
+        "version": version,
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "opset": config.opset,
+        "simplified": config.simplify,
+        "parity": parity,
+        "source": dict(manifest.source),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (path.parent / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return ExportResult(path, report)
+
+
+def to_onnx(model: ServingModel, spec: InputSpec, opset: int = 17) -> Any:
+    """Trace ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis."""
+    import onnx
+
+    model = model.eval()
+    dummy = torch.zeros((1, *spec.shape), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            model,
+            (dummy,),
+            buffer,  # type: ignore[arg-type]
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def check_parity(
+    model: ServingModel, onnx_path: Path, images: np.ndarray, bar: ParityBar
+) -> dict[str, Any]:
+    """Compare PyTorch and ONNX Runtime logits on ``images``; raise if they disagree."""
+    engine = Engine(onnx_path, EngineConfig(warmup_runs=0))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    got = np.concatenate([engine.infer(images[i : i + 256]) for i in range(0, len(images), 256)])
+    max_diff = float(np.abs(expected - got).max())
+    top1_same = float((expected.argmax(1) == got.argmax(1)).mean())
+    result = {
+        "samples": len(images),
+        "max_abs_logit_diff": max_diff,
+        "top1_agreement": top1_same,
+        "tolerance": bar.max_abs_diff,
+    }
+    if max_diff > bar.max_abs_diff or top1_same < 1.0:
+        raise ModelError(
+            f"ONNX Runtime disagrees with PyTorch on {len(images)} images: max |logit diff| "
+            f"{max_diff:.2e} (limit {bar.max_abs_diff:.0e}), top-1 agreement {top1_same:.4f}"
+        )
+    return result
+
+
+def parity_images(meta: Mapping[str, Any], data_dir: Path | None, count: int) -> np.ndarray:
+    """Real images for the parity check: the model's own test (or validation) data."""
+    config = meta.get("train_config", {})
+    if data_dir is None and config.get("data_dir"):
+        data_dir = Path(config["data_dir"])
+    dataset: ImageDataset
+    if meta.get("dataset") == "fashion-mnist":
+        dataset = load_dataset("fashion-mnist", "test", data_dir=data_dir)
+    else:
+        spec = InputSpec(
+            meta["height"],
+            meta["width"],
+            meta["in_channels"],
+            "L" if meta["in_channels"] == 1 else "RGB",
+        )
+        dataset = load_dataset(
+            config["data"],
+            "val",
+            spec,
+            val_fraction=config.get("val_fraction", 1 / 12),
+            seed=config.get("seed", 0),
+        )
+    return np.ascontiguousarray(dataset.images[:count])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

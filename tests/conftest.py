@@ -1,0 +1,84 @@
+"""Shared fixtures: a generated image folder, and tiny models trained and exported from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinyserve.datasets import FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = ROOT / "models" / "fashion-cnn"
+SAMPLES = ROOT / "samples" / "fashion"
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST is not installed (make data installs it)",
+)
+
+COLORS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (40, 50, 210)}
+
+
+def write_image_folder(root: Path, per_class: int = 16, size: tuple[int, int] = (24, 20)) -> Path:
+    """Three classes of noisy, coloured images, saved as a mix of PNG and JPEG."""
+    rng = np.random.default_rng(0)
+    for c, (name, color) in enumerate(COLORS.items()):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.integers(-40, 40, (size[1], size[0], 3))
+            pixels = np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
+            suffix = ".png" if (i + c) % 2 else ".jpg"
+            Image.fromarray(pixels).save(folder / f"{i:03d}{suffix}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data") / "colors")
+
+
+@pytest.fixture(scope="session")
+def train_tiny(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Callable[..., Path]:
+    """Factory: train an architecture for a few quick epochs; returns best.pt."""
+    from tinyserve.training.train import TrainConfig, fit
+
+    def train(arch: str = "custom_cnn", epochs: int = 2, **options: object) -> Path:
+        out = tmp_path_factory.mktemp(f"run-{arch}")
+        config = TrainConfig(
+            out=out,
+            data=str(image_folder),
+            arch=arch,
+            epochs=epochs,
+            batch_size=8,
+            lr=0.05,
+            image_size=16,
+            channels=3,
+            val_fraction=0.25,
+            threads=1,
+            **options,  # type: ignore[arg-type]
+        )
+        return fit(config, progress=False).best_path
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(train_tiny: Callable[..., Path]) -> Path:
+    return train_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """A model repository holding ``colors/1/model.onnx`` exported from the tiny checkpoint."""
+    from tinyserve.training.export import ExportConfig, ParityBar, export_checkpoint
+
+    repo = tmp_path_factory.mktemp("repo")
+    export_checkpoint(
+        ExportConfig(tiny_checkpoint, "colors", repo=repo, parity=ParityBar(samples=12))
+    )
+    return repo
