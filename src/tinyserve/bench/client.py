@@ -145,8 +145,21 @@ class Connection:
     async def request(self, data: bytes) -> tuple[int, bytes]:
         """Send one prebuilt request; return the status code and body.
 
-        Any failure closes the connection (the next request opens a new one) and propagates.
+        A kept-alive connection the server has closed meanwhile (its idle timeout) is
+        replaced and the request sent again, once, if nothing of the answer arrived. Any
+        other failure closes the connection (the next request opens a new one) and propagates.
         """
+        if self._stream is not None and self._stream[0].at_eof():
+            self.abort()
+        reused = self._stream is not None
+        try:
+            return await self._exchange(data)
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
+            if not reused or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                raise
+            return await self._exchange(data)
+
+    async def _exchange(self, data: bytes) -> tuple[int, bytes]:
         try:
             if self._stream is None:
                 self._stream = await asyncio.open_connection(

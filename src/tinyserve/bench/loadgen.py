@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import math
 import platform
 import time
 from collections import Counter
@@ -313,6 +314,7 @@ class _Step:
                 while (started := time.perf_counter()) < end:
                     outcome = await _send(connection, self.request, self.config.timeout_s)
                     recorder.record(started, time.perf_counter() - started, outcome)
+                    started = 0.0
                     if outcome == "connection":
                         await asyncio.sleep(_RECONNECT_PAUSE)
             except asyncio.CancelledError:
@@ -324,7 +326,8 @@ class _Step:
 
     async def open(self, rate: float) -> StepReport:
         recorder, t0 = self.recorder, self.t0
-        total = int((recorder.end - t0) * rate)
+        # Sends scheduled at t0 + i / rate, i = 0, 1, … up to the end of the window.
+        total = math.ceil((self.config.warmup_s + self.config.duration_s) * rate - 1e-9)
         queue: asyncio.Queue[float | None] = asyncio.Queue()
         lag = [0.0]
         workers_n = self.config.connections
