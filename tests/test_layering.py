@@ -16,6 +16,8 @@ SERVING_MODULES = [
     "tinyserve.repository",
     "tinyserve.engine",
     "tinyserve.evaluate",
+    "tinyserve.quantize",
+    "tinyserve.compare",
     "tinyserve.predict",
     "tinyserve.cli",
 ]

@@ -12,7 +12,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from tinyserve import __version__
-from tinyserve.errors import ConfigError, TinyServeError
+from tinyserve.errors import ConfigError, ModelError, TinyServeError
 
 _T = TypeVar("_T")
 
@@ -155,7 +155,16 @@ def export(
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Argument(help="Model folder, FOLDER:VERSION or .onnx file.")],
+    model: Annotated[
+        str | None, typer.Argument(help="Model folder, FOLDER:VERSION or .onnx file.")
+    ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare",
+            help="Compare every version of this model folder (writes compare.md/.json/.png).",
+        ),
+    ] = None,
     data: DataOption = "fashion-mnist",
     data_dir: DataDirOption = None,
     batch_size: int = 256,
@@ -166,6 +175,11 @@ def evaluate(
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Accuracy, per-class accuracy, confusion matrix and latency, through ONNX Runtime."""
+    if compare is not None:
+        _compare_versions(compare, data, data_dir, out, json_output)
+        return
+    if model is None:
+        raise ConfigError("give a MODEL to evaluate, or --compare MODEL_DIR")
     from tinyserve.evaluate import EvalConfig, write_confusion_png
     from tinyserve.evaluate import evaluate as run
 
@@ -236,6 +250,212 @@ def predict(
     Console().print(table)
     if any(item["error"] for item in results):
         raise typer.Exit(1)
+
+
+def _compare_versions(
+    model_dir: Path, data: str, data_dir: Path | None, out: Path | None, json_output: bool
+) -> None:
+    from tinyserve.compare import CompareConfig, compare, write_outputs
+
+    config = _config(CompareConfig, model_dir=model_dir, data=data, data_dir=data_dir)
+    comparison = compare(config, progress=not json_output)
+    paths = write_outputs(comparison, out or Path("runs") / f"compare-{model_dir.name}")
+    if json_output:
+        typer.echo(comparison.to_json(), nl=False)
+        return
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    console = Console()
+    console.print(Markdown(paths[0].read_text()))
+    console.print(f"wrote {', '.join(map(str, paths))}")
+
+
+@app.command()
+def quantize(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder (models/NAME).")],
+    mode: Annotated[str, typer.Option(help="dynamic, static (INT8 QDQ) or fp16.")] = "static",
+    parent: Annotated[
+        int | None, typer.Option(help="Version to quantize [default: the served one].")
+    ] = None,
+    data: DataOption = "fashion-mnist",
+    data_dir: DataDirOption = None,
+    calibration: Annotated[
+        str, typer.Option(help="Static calibration: minmax, entropy or percentile.")
+    ] = "minmax",
+    calibration_samples: Annotated[
+        int, typer.Option(help="Training images used for calibration.")
+    ] = 512,
+    calib_data: Annotated[
+        str | None,
+        typer.Option(help="Calibrate on the training split of this data [default: --data]."),
+    ] = None,
+    percentile: Annotated[float, typer.Option(help="Percentile for --calibration percentile.")] = (
+        99.999
+    ),
+    per_channel: Annotated[bool, typer.Option(help="Per-channel weight scales.")] = True,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="Largest accuracy loss against the parent, in points.")
+    ] = 1.0,
+    min_agreement: Annotated[
+        float, typer.Option(help="Smallest top-1 agreement with the parent (0-1).")
+    ] = 0.0,
+    force: Annotated[bool, typer.Option(help="Write the model even if it misses the bar.")] = (
+        False
+    ),
+) -> None:
+    """Quantize a model with ONNX Runtime and add it as the next version if it passes the bar."""
+    from tinyserve.quantize import AgreementBar, Calibration, QuantizeConfig
+    from tinyserve.quantize import quantize as run
+
+    config = _config(
+        QuantizeConfig,
+        model_dir=model_dir,
+        mode=mode,
+        parent=parent,
+        data=data,
+        data_dir=data_dir,
+        calibration=_config(
+            Calibration,
+            method=calibration,
+            samples=calibration_samples,
+            data=calib_data,
+            percentile=percentile,
+        ),
+        per_channel=per_channel,
+        bar=_config(AgreementBar, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement),
+        force=force,
+    )
+    result = run(config, progress=True)
+    gate = result.gate
+    summary = (
+        f"{result.report['optimization']['method']}: accuracy {gate.accuracy:.2%} "
+        f"({gate.accuracy_delta_pt:+.2f} pt vs v{result.report['parent']['version']}), "
+        f"top-1 agreement {gate.agreement:.2%} on {gate.samples:,} images; "
+        f"{result.report['candidate_bytes'] / 1e6:.3f} MB "
+        f"({result.report['candidate_bytes'] / result.report['parent']['bytes']:.0%} of parent)"
+    )
+    if result.path is None:
+        raise ModelError(
+            f"{summary} - misses the bar (at most {gate.max_accuracy_drop:g} pt lost, agreement "
+            f">= {gate.min_agreement:.2%}); not written (use --force to keep it anyway)"
+        )
+    note = "" if gate.passed else " (forced past the bar)"
+    typer.echo(f"wrote {result.path}{note}; {summary}")
+
+
+@app.command()
+def prune(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by 'tinyserve train'.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder for the pruned checkpoint.")],
+    ratio: Annotated[float, typer.Option(help="Fraction of each layer's channels removed.")] = 0.5,
+    epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs.")] = 3,
+    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate.")] = 0.02,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    data_dir: DataDirOption = None,
+    threads: Annotated[int, typer.Option(help="Torch threads; 0 = all cores given.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Structured channel pruning plus fine-tuning; reports size, accuracy and latency."""
+    from tinyserve.training.prune import PruneConfig, prune_checkpoint
+
+    config = _config(
+        PruneConfig,
+        checkpoint=checkpoint,
+        out=out,
+        ratio=ratio,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        threads=threads,
+    )
+    result = prune_checkpoint(config, progress=progress)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"channel pruning {ratio:g} -> widths {result.widths}")
+    for column in ("", "parameters", "ONNX MB", "test acc", "p50 ms", "p99 ms", "img/s b256"):
+        table.add_column(column, justify="right")
+    for name, m in (
+        ("before", result.before),
+        ("pruned", result.pruned),
+        ("fine-tuned", result.after),
+    ):
+        table.add_row(
+            name,
+            f"{m.parameters:,}",
+            f"{m.onnx_bytes / 1e6:.3f}",
+            f"{m.test_accuracy:.2%}",
+            f"{m.latency_ms['p50']:.3f}",
+            f"{m.latency_ms['p99']:.3f}",
+            f"{m.throughput_ips:,.0f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"checkpoint {result.checkpoint}; export it with 'tinyserve export'")
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="The teacher's checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder for the student.")],
+    arch: Annotated[str, typer.Option(help="Student architecture from the registry.")],
+    data: DataOption = "fashion-mnist",
+    data_dir: DataDirOption = None,
+    temperature: Annotated[float, typer.Option(help="Softening temperature T.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft (teacher) loss.")] = 0.5,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.1,
+    image_size: Annotated[int, typer.Option(help="Input side for image folders.")] = 64,
+    channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB) for image folders.")] = 3,
+    baseline: Annotated[
+        bool, typer.Option(help="Also train the student alone with the same budget.")
+    ] = True,
+    seed: int = 0,
+    threads: Annotated[int, typer.Option(help="Torch threads; 0 = all cores given.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a student from a teacher's soft targets; compares it with the student alone."""
+    from tinyserve.training.distill import DistillConfig
+    from tinyserve.training.distill import distill as run
+    from tinyserve.training.train import TrainConfig
+
+    student = _config(
+        TrainConfig,
+        out=out,
+        data=data,
+        data_dir=data_dir,
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        image_size=image_size,
+        channels=channels,
+        seed=seed,
+        threads=threads,
+    )
+    config = _config(
+        DistillConfig,
+        teacher=teacher,
+        student=student,
+        temperature=temperature,
+        alpha=alpha,
+        baseline=baseline,
+    )
+    result = run(config, progress=progress)
+    alone = (
+        f"; alone {result.baseline_test_accuracy:.2%}"
+        if result.baseline_test_accuracy is not None
+        else ""
+    )
+    typer.echo(
+        f"test accuracy: teacher {result.teacher_test_accuracy:.2%} "
+        f"({result.teacher_parameters:,} parameters), student with teacher "
+        f"{result.student_test_accuracy:.2%} ({result.student_parameters:,} parameters){alone}; "
+        f"checkpoint {result.student}"
+    )
 
 
 def _config(cls: type[_T], **values: object) -> _T:

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from tinyserve.datasets import ImageDataset, load_dataset
 from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import DatasetError
+from tinyserve.manifest import Manifest
 from tinyserve.repository import resolve
 
 
@@ -53,12 +55,11 @@ def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
     """Run the model over the whole evaluation set and time it."""
     ref = resolve(config.target)
     engine = Engine(ref.path, EngineConfig(intra_op_threads=config.threads))
-    dataset = _dataset_for(engine, config)
-    predictions = np.empty(len(dataset), dtype=np.int64)
+    dataset = evaluation_set(engine.manifest, config.data, config.data_dir)
     started = time.perf_counter()
-    for start in _steps(len(dataset), config.batch_size, progress, f"evaluating {ref.name}"):
-        batch = dataset.images[start : start + config.batch_size]
-        predictions[start : start + len(batch)] = engine.infer(batch).argmax(1)
+    predictions = predict_classes(
+        engine, dataset, config.batch_size, progress, f"evaluating {ref.name}"
+    )
     throughput = len(dataset) / (time.perf_counter() - started)
 
     k = len(engine.labels)
@@ -125,26 +126,48 @@ def write_confusion_png(report: EvalReport, path: Path) -> None:
     plt.close(fig)
 
 
-def _dataset_for(engine: Engine, config: EvalConfig) -> ImageDataset:
-    spec = engine.manifest.input
-    if config.data == "fashion-mnist":
-        dataset = load_dataset("fashion-mnist", "test", data_dir=config.data_dir)
+def predict_classes(
+    engine: Engine,
+    dataset: ImageDataset,
+    batch_size: int = 256,
+    progress: bool = False,
+    what: str = "evaluating",
+) -> npt.NDArray[np.int64]:
+    """Top-1 class of every image in ``dataset``, through ONNX Runtime."""
+    predictions = np.empty(len(dataset), dtype=np.int64)
+    for start in _steps(len(dataset), batch_size, progress, what):
+        batch = dataset.images[start : start + batch_size]
+        predictions[start : start + len(batch)] = engine.infer(batch).argmax(1)
+    return predictions
+
+
+def evaluation_set(
+    manifest: Manifest, data: str, data_dir: Path | None = None, split: str = "test"
+) -> ImageDataset:
+    """The ``split`` of ``data`` a model is measured on, checked against its input contract.
+
+    An image-folder model reuses the train/validation split recorded at export, so its
+    "test" images are the ones it never trained on.
+    """
+    spec = manifest.input
+    if data == "fashion-mnist":
+        dataset = load_dataset("fashion-mnist", split, data_dir=data_dir)
     else:
-        split = engine.manifest.source.get("split", {})
+        recorded = manifest.source.get("split", {})
         dataset = load_dataset(
-            config.data,
-            "test",
+            data,
+            split,
             spec,
-            val_fraction=split.get("val_fraction", 1 / 12),
-            seed=split.get("seed", 0),
+            val_fraction=recorded.get("val_fraction", 1 / 12),
+            seed=recorded.get("seed", 0),
         )
     if dataset.images.shape[1:] != spec.shape:
         raise DatasetError(
             f"{dataset.name} images are {dataset.images.shape[1:]}, the model takes {spec.shape}"
         )
-    if len(dataset.classes) != len(engine.labels):
+    if len(dataset.classes) != manifest.num_classes:
         raise DatasetError(
-            f"{dataset.name} has {len(dataset.classes)} classes, the model {len(engine.labels)}"
+            f"{dataset.name} has {len(dataset.classes)} classes, the model {manifest.num_classes}"
         )
     return dataset
 

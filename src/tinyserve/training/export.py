@@ -95,6 +95,7 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
             "std": meta["std"],
             "parameters": sum(p.numel() for p in model.net.parameters()),
             "checkpoint_sha256": _sha256(config.checkpoint),
+            **{k: meta[k] for k in ("arch_options", "lineage") if k in meta},
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "tinyserve_version": __version__,
         },

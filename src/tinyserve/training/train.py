@@ -99,8 +99,26 @@ class TrainResult:
 ProgressHook = Callable[[str, Mapping[str, float]], None]
 
 
-def fit(config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train ``config.arch`` on ``config.data`` and write checkpoints to ``config.out``."""
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(logits, labels, inputs) -> loss``; ``inputs`` are the augmented uint8 images."""
+
+
+def fit(
+    config: TrainConfig,
+    progress: bool = True,
+    *,
+    net: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``config.arch`` on ``config.data`` and write checkpoints to ``config.out``.
+
+    Args:
+        net: start from this network instead of a fresh ``config.arch`` (fine-tuning); its
+            constructor options must be in ``extra_meta["arch_options"]`` to be rebuilt.
+        loss_fn: replaces cross-entropy (distillation).
+        extra_meta: recorded in the checkpoints' ``meta`` (lineage, architecture options).
+    """
     started = time.perf_counter()
     threads = config.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -121,7 +139,8 @@ def fit(config: TrainConfig, progress: bool = True) -> TrainResult:
         train_set = train_set.subset(np.arange(config.max_train_samples))
     mean, std = channel_stats(train_set)
     in_channels = train_set.images.shape[3]
-    net = create_model(config.arch, num_classes=len(train_set.classes), in_channels=in_channels)
+    if net is None:
+        net = create_model(config.arch, num_classes=len(train_set.classes), in_channels=in_channels)
     model = ServingModel(net, mean, std).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -139,6 +158,7 @@ def fit(config: TrainConfig, progress: bool = True) -> TrainResult:
         "dataset": train_set.name.split("/")[0],
         "run_id": uuid.uuid4().hex[:12],
         "train_config": config.plain(),
+        **(extra_meta or {}),
     }
     config.out.mkdir(parents=True, exist_ok=True)
     best_path, last_path = config.out / "best.pt", config.out / "last.pt"
@@ -162,8 +182,9 @@ def fit(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     generator = torch.Generator().manual_seed(config.seed + start_epoch)
     augment = Augment(config.pad, config.flip, config.erase_prob)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported())
+    cross_entropy = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    compute_loss: LossFn = loss_fn or (lambda logits, labels, _: cross_entropy(logits, labels))
+    use_bf16 = uses_bf16(config)
     meta["train_config"]["precision"] = "bf16" if use_bf16 else "fp32"
     with _Progress(progress, config.epochs, steps_per_epoch, start_epoch) as bar:
         for epoch in range(start_epoch, config.epochs):
@@ -171,9 +192,10 @@ def fit(config: TrainConfig, progress: bool = True) -> TrainResult:
             model.train()
             seen, loss_sum, correct = 0, 0.0, 0
             for images, labels in batches(train_set, config.batch_size, True, generator):
+                inputs = augment(images, generator)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = model(augment(images, generator)).float()
-                loss = loss_fn(logits, labels)
+                    logits = model(inputs).float()
+                loss = compute_loss(logits, labels, inputs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
@@ -216,6 +238,11 @@ def fit(config: TrainConfig, progress: bool = True) -> TrainResult:
     result = TrainResult(best_path, last_path, best_acc, history, time.perf_counter() - started)
     write_history(result, config, config.out)
     return result
+
+
+def uses_bf16(config: TrainConfig) -> bool:
+    """Whether ``config`` trains under bfloat16 autocast."""
+    return config.precision == "bf16" or (config.precision == "auto" and bf16_supported())
 
 
 def bf16_supported() -> bool:
@@ -269,7 +296,10 @@ def build_from_checkpoint(state: Mapping[str, Any]) -> ServingModel:
     """Rebuild the serving-wrapped network recorded in a checkpoint, in eval mode."""
     meta = state["meta"]
     net = create_model(
-        meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"]
+        meta["arch"],
+        num_classes=meta["num_classes"],
+        in_channels=meta["in_channels"],
+        **meta.get("arch_options", {}),
     )
     try:
         net.load_state_dict(state["model"])

@@ -1,0 +1,297 @@
+"""Compare every version of a model: size, accuracy, agreement, latency and throughput.
+
+Each version is measured through ONNX Runtime the way it will be served: accuracy and top-1
+agreement with the reference version (the lowest, normally the FP32 export) on the test set,
+batch-1 latency percentiles, and throughput at larger batches, for each intra-op thread
+count asked for. The result is written as Markdown, JSON and an accuracy-versus-latency PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinyserve.datasets import ImageDataset
+from tinyserve.engine import Engine, EngineConfig, available_cores
+from tinyserve.errors import ModelNotFound
+from tinyserve.evaluate import batch1_latency, evaluation_set, predict_classes
+from tinyserve.imaging import Pixels
+from tinyserve.manifest import read_manifest
+from tinyserve.repository import list_versions, version_path
+
+OUTPUT_NAMES = ("compare.md", "compare.json", "compare.png")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What to measure. ``max_samples`` limits the test set (quick looks and tests)."""
+
+    model_dir: Path
+    data: str = "fashion-mnist"
+    data_dir: Path | None = None
+    threads: tuple[int, ...] = (1, 2)
+    batch_sizes: tuple[int, ...] = (32, 256)
+    latency_runs: int = 300
+    throughput_images: int = 8192
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.threads or any(t < 1 for t in self.threads):
+            raise ValueError(f"thread counts must be at least 1, got {self.threads}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be at least 1, got {self.batch_sizes}")
+        if self.latency_runs < 1 or self.throughput_images < 1:
+            raise ValueError("latency_runs and throughput_images must be at least 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """One version at one thread count."""
+
+    threads: int
+    latency_ms: dict[str, float]
+    throughput_ips: dict[int, float]
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: int
+    method: str
+    bytes: int
+    accuracy: float
+    agreement: float
+    speeds: list[Speed] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    model: str
+    dataset: str
+    samples: int
+    reference_version: int
+    cores: int
+    rows: list[VersionRow]
+    measured_at: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def compare(config: CompareConfig, progress: bool = False) -> Comparison:
+    """Measure every version of ``config.model_dir``."""
+    versions = list_versions(config.model_dir)
+    if not versions:
+        raise ModelNotFound(f"{config.model_dir} has no versions (<version>/model.onnx)")
+    reference = versions[0]
+    manifest = read_manifest(version_path(config.model_dir, reference))
+    test = evaluation_set(manifest, config.data, config.data_dir)
+    if config.max_samples is not None and config.max_samples < len(test):
+        test = test.subset(np.arange(config.max_samples))
+    steps = len(versions) * (1 + len(config.threads))
+    rows: list[VersionRow] = []
+    with _Steps(progress, steps) as bar:
+        reference_predictions: np.ndarray | None = None
+        for version in versions:
+            path = version_path(config.model_dir, version)
+            bar.describe(f"v{version}: accuracy")
+            engine = Engine(path, EngineConfig(intra_op_threads=max(config.threads)))
+            predicted = predict_classes(engine, test)
+            del engine
+            if reference_predictions is None:
+                reference_predictions = predicted
+            bar.advance()
+            speeds = []
+            for threads in config.threads:
+                bar.describe(f"v{version}: speed, {threads} thread(s)")
+                speeds.append(_speed(path, threads, test, config))
+                bar.advance()
+            rows.append(
+                VersionRow(
+                    version=version,
+                    method=_method(path),
+                    bytes=path.stat().st_size,
+                    accuracy=round(float((predicted == test.labels).mean()), 6),
+                    agreement=round(float((predicted == reference_predictions).mean()), 6),
+                    speeds=speeds,
+                )
+            )
+    return Comparison(
+        model=config.model_dir.name,
+        dataset=test.name,
+        samples=len(test),
+        reference_version=reference,
+        cores=available_cores(),
+        rows=rows,
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def throughput(engine: Engine, images: Pixels, batch_size: int, total_images: int) -> float:
+    """Images per second running batches of ``batch_size``, after two warm-up batches."""
+    batch = np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])))
+    for _ in range(2):
+        engine.infer(batch)
+    runs = max(3, -(-total_images // batch_size))
+    started = time.perf_counter()
+    for _ in range(runs):
+        engine.infer(batch)
+    return runs * batch_size / (time.perf_counter() - started)
+
+
+def write_outputs(comparison: Comparison, out: Path) -> list[Path]:
+    """Write compare.md, compare.json and compare.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in OUTPUT_NAMES]
+    paths[0].write_text(to_markdown(comparison))
+    paths[1].write_text(comparison.to_json())
+    write_png(comparison, paths[2])
+    return paths
+
+
+def to_markdown(comparison: Comparison) -> str:
+    ref = next(r for r in comparison.rows if r.version == comparison.reference_version)
+    threads = [s.threads for s in comparison.rows[0].speeds]
+    batches = list(comparison.rows[0].speeds[0].throughput_ips)
+    head = ["version", "method", "size MB", "size vs ref", "accuracy", "Δ acc pt", "agreement"]
+    for t in threads:
+        head += [f"p50 ms ({t}t)", f"p99 ms ({t}t)"]
+        head += [f"img/s b{b} ({t}t)" for b in batches]
+    lines = [
+        f"# {comparison.model}: versions compared",
+        "",
+        f"{comparison.samples:,} images of {comparison.dataset} through ONNX Runtime; "
+        f"agreement is top-1 agreement with version {comparison.reference_version}; "
+        f"latency is batch 1; {comparison.cores} core(s) available; "
+        f"measured {comparison.measured_at}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|",
+    ]
+    for row in comparison.rows:
+        cells = [
+            str(row.version),
+            row.method,
+            f"{row.bytes / 1e6:.3f}",
+            f"{row.bytes / ref.bytes:.0%}",
+            f"{row.accuracy:.2%}",
+            f"{(row.accuracy - ref.accuracy) * 100:+.2f}",
+            f"{row.agreement:.2%}",
+        ]
+        for speed in row.speeds:
+            cells += [f"{speed.latency_ms['p50']:.3f}", f"{speed.latency_ms['p99']:.3f}"]
+            cells += [f"{speed.throughput_ips[b]:,.0f}" for b in batches]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_png(comparison: Comparison, path: Path) -> None:
+    """Accuracy against batch-1 latency and against the largest batch's throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4.2))
+    biggest = max(comparison.rows[0].speeds[0].throughput_ips)
+    markers = "os^Dv"
+    for i, threads in enumerate(s.threads for s in comparison.rows[0].speeds):
+        lat = [r.speeds[i].latency_ms["p50"] for r in comparison.rows]
+        tp = [r.speeds[i].throughput_ips[biggest] for r in comparison.rows]
+        acc = [r.accuracy * 100 for r in comparison.rows]
+        marker = markers[i % len(markers)]
+        ax_lat.scatter(lat, acc, marker=marker, label=f"{threads} thread(s)")
+        ax_tp.scatter(tp, acc, marker=marker, label=f"{threads} thread(s)")
+        for row, x, y in zip(comparison.rows, lat, acc, strict=True):
+            ax_lat.annotate(
+                f"v{row.version} {row.method}",
+                (x, y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        for row, x, y in zip(comparison.rows, tp, acc, strict=True):
+            ax_tp.annotate(
+                f"v{row.version}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    ax_lat.set(
+        xlabel="batch-1 latency p50 (ms)", ylabel="test accuracy (%)", title="Accuracy vs latency"
+    )
+    ax_tp.set(
+        xlabel=f"throughput at batch {biggest} (images/s)",
+        ylabel="test accuracy (%)",
+        title="Accuracy vs throughput",
+    )
+    for ax in (ax_lat, ax_tp):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{comparison.model} on {comparison.dataset}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _speed(path: Path, threads: int, test: ImageDataset, config: CompareConfig) -> Speed:
+    engine = Engine(path, EngineConfig(intra_op_threads=threads))
+    latency = batch1_latency(engine, test, config.latency_runs)
+    rates = {
+        b: round(throughput(engine, test.images, b, config.throughput_images), 1)
+        for b in config.batch_sizes
+    }
+    return Speed(threads=threads, latency_ms=latency, throughput_ips=rates)
+
+
+def _method(path: Path) -> str:
+    source = read_manifest(path).source
+    optimization = source.get("optimization") or {}
+    if optimization.get("method"):
+        return str(optimization["method"])
+    lineage = source.get("lineage") or {}
+    return str(lineage.get("method", "fp32"))
+
+
+class _Steps:
+    """A rich progress bar over measurement steps, or nothing."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+        self._progress: Any = None
+
+    def __enter__(self) -> _Steps:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("comparing", total=self.total)
+        return self
+
+    def describe(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
