@@ -42,6 +42,7 @@ from tinyserve.errors import ConfigError
 Outcome = int | str
 _TIMELINE_SLOTS = 20
 _SCRAPE_TIMEOUT = 5.0
+_PROBE_TIMEOUT = 30.0  # a cold server may answer its first request slowly
 _RECONNECT_PAUSE = 0.01  # after a refused connection, so a dead server is not hammered
 
 
@@ -96,7 +97,7 @@ class LoadConfig:
         steps = len(self.concurrency) * self.step_cap_s(False)
         steps += len(self.rates) * self.step_cap_s(True)
         scrapes = 2 * len(self.concurrency + self.rates) + 1
-        return steps + self.timeout_s + scrapes * _SCRAPE_TIMEOUT
+        return steps + max(self.timeout_s, _PROBE_TIMEOUT) + scrapes * _SCRAPE_TIMEOUT
 
 
 @dataclass
@@ -189,7 +190,7 @@ async def _run(config: LoadConfig, progress: Callable[[str], None] | None) -> Lo
     )
     try:
         async with asyncio.timeout(config.hard_cap_s):
-            await _probe(target, request, config.timeout_s)
+            await _probe(target, request, max(config.timeout_s, _PROBE_TIMEOUT))
             metrics = False
             if config.metrics:
                 snapshot, reason = await scrape(target, _SCRAPE_TIMEOUT)
@@ -218,12 +219,12 @@ async def _probe(target: Target, request: bytes, timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
             status, body = await connection.request(request)
+    except TimeoutError as exc:  # before OSError, its base class
+        raise ConfigError(f"{target.url} did not answer within {timeout:g} s") from exc
     except (OSError, EOFError) as exc:
         raise ConfigError(
             f"cannot reach {target.url} ({_reason(exc)}); is the server running?"
         ) from exc
-    except TimeoutError as exc:
-        raise ConfigError(f"{target.url} did not answer within {timeout:g} s") from exc
     except ProtocolError as exc:
         raise ConfigError(f"{target.url} does not speak HTTP/1.1: {exc}") from exc
     finally:
