@@ -20,6 +20,13 @@ SERVING_MODULES = [
     "tinyserve.compare",
     "tinyserve.predict",
     "tinyserve.cli",
+    "tinyserve.bench.stats",
+    "tinyserve.bench.model",
+    "tinyserve.bench.client",
+    "tinyserve.bench.scrape",
+    "tinyserve.bench.loadgen",
+    "tinyserve.bench.report",
+    "tinyserve.bench.noop",
 ]
 
 
