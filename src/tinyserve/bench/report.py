@@ -19,7 +19,16 @@ from tinyserve.bench.model import ModelBenchReport
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from rich.console import Console
     from rich.table import Table
+
+
+def wide_console() -> Console:
+    """A console for the wide tables below: 160 columns when output is not a terminal."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
 
 
 def model_table(report: ModelBenchReport) -> Table:
