@@ -486,7 +486,7 @@ def bench_model(
     """Latency p50/p95/p99, throughput and peak RSS per batch size and thread count (no HTTP)."""
     from tinyserve.bench.model import ModelBenchConfig
     from tinyserve.bench.model import bench_model as run
-    from tinyserve.bench.report import model_table
+    from tinyserve.bench.report import model_table, wide_console
 
     config = _config(
         ModelBenchConfig,
@@ -506,9 +506,7 @@ def bench_model(
     if json_output:
         typer.echo(report.to_json(), nl=False)
         return
-    from rich.console import Console
-
-    Console().print(model_table(report))
+    wide_console().print(model_table(report))
 
 
 @bench_app.command("http")
@@ -555,7 +553,7 @@ def bench_http(
 
     from tinyserve.bench.loadgen import LoadConfig, run_load
     from tinyserve.bench.noop import noop_server
-    from tinyserve.bench.report import client_warnings, load_table, write_html
+    from tinyserve.bench.report import client_warnings, load_table, wide_console, write_html
 
     rates = _bench_numbers(rate, "--rate", float) if rate else ()
     steps = _bench_numbers(concurrency, "--concurrency", int) if concurrency else ()
@@ -587,9 +585,7 @@ def bench_http(
     if json_output:
         typer.echo(result.to_json(), nl=False)
         return
-    from rich.console import Console
-
-    console = Console()
+    console = wide_console()
     console.print(load_table(result))
     for warning in client_warnings(result):
         console.print(f"[yellow]warning:[/] {warning}")
