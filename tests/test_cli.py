@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import BUNDLED_MODEL, SAMPLES, needs_fashion_mnist
 from tinyserve.cli import app
 
-COMMANDS = ["train", "export", "evaluate", "predict"]
+COMMANDS = ["train", "export", "import", "evaluate", "predict"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,7 @@ SERVING_MODULES = [
     "tinyserve.quantize",
     "tinyserve.compare",
     "tinyserve.predict",
+    "tinyserve.onnx_import",
     "tinyserve.cli",
     "tinyserve.bench.stats",
     "tinyserve.bench.model",

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -59,3 +61,20 @@ def test_model_without_metadata_is_explained(tmp_path) -> None:  # type: ignore[
 def test_input_spec_validation(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         InputSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_read_labels_takes_text_or_json(tmp_path: Path) -> None:
+    from tinyserve.errors import ConfigError
+    from tinyserve.manifest import read_labels
+
+    (tmp_path / "a.txt").write_text("tabby, tabby cat\n  tiger cat \n\n")
+    assert read_labels(tmp_path / "a.txt") == ("tabby, tabby cat", "tiger cat")
+    (tmp_path / "b.json").write_text('["x", "y"]')
+    assert read_labels(tmp_path / "b.json") == ("x", "y")
+    (tmp_path / "c.json").write_text('{"1": "y", "0": "x"}')
+    assert read_labels(tmp_path / "c.json") == ("x", "y")
+    (tmp_path / "d.txt").write_text("x\n\ny\n")
+    with pytest.raises(ConfigError, match="empty name at index 1"):
+        read_labels(tmp_path / "d.txt")
+    with pytest.raises(ConfigError, match="cannot read labels file"):
+        read_labels(tmp_path / "missing.txt")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,3 +40,21 @@ def test_unknown_architecture_lists_the_known_ones() -> None:
 def test_registering_a_name_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_model("custom_cnn")(lambda **_: torch.nn.Identity())
+
+
+def test_an_architecture_can_be_named_by_import_string(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path
+    (folder / "my_nets.py").write_text(
+        "from torch import nn\n"
+        "def tiny(num_classes, in_channels):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    net = create_model("my_nets:tiny", num_classes=4, in_channels=1)
+    assert net(torch.zeros(2, 1, 3, 3)).shape == (2, 4)
+    with pytest.raises(ValueError, match="has no factory 'nope'"):
+        create_model("my_nets:nope", num_classes=4, in_channels=1)
+    with pytest.raises(ValueError, match="cannot import 'not_a_module_here'"):
+        create_model("not_a_module_here:net", num_classes=4, in_channels=1)

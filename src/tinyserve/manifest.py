@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tinyserve.errors import ModelError
+from tinyserve.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     import onnx
@@ -105,6 +105,37 @@ class Manifest:
 
     def with_source(self, **updates: Any) -> Manifest:
         return Manifest(self.labels, self.input, {**self.source, **updates})
+
+
+def read_labels(path: str | Path) -> tuple[str, ...]:
+    """Class names, in class-index order, from a text file (one per line) or a JSON file.
+
+    JSON may be a list, or an object mapping indices ``"0"``, ``"1"``, ... to names.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read labels file {path}: {exc}") from exc
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+            if isinstance(data, dict):
+                data = [data[str(i)] for i in range(len(data))]
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"{path} must hold a JSON list of names or an object keyed 0..N-1: {exc}"
+            ) from exc
+        labels = [str(x).strip() for x in data]
+    else:
+        labels = [line.strip() for line in text.splitlines()]
+        while labels and not labels[-1]:
+            labels.pop()
+    if not labels:
+        raise ConfigError(f"labels file {path} is empty")
+    if "" in labels:
+        raise ConfigError(f"labels file {path} has an empty name at index {labels.index('')}")
+    return tuple(labels)
 
 
 def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> None:

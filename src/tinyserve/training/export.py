@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,10 +27,11 @@ import torch
 from tinyserve import __version__
 from tinyserve.datasets import ImageDataset, load_dataset
 from tinyserve.engine import Engine, EngineConfig
-from tinyserve.errors import ModelError
+from tinyserve.errors import CheckpointError, ConfigError, ModelError
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
+from tinyserve.onnx_import import verification_pixels
 from tinyserve.repository import next_version, validate_name, version_path
-from tinyserve.training.models import ServingModel
+from tinyserve.training.models import ServingModel, create_model
 from tinyserve.training.train import build_from_checkpoint, load_checkpoint
 
 INPUT_NAME = "pixels"
@@ -101,6 +103,136 @@ def export_checkpoint(config: ExportConfig) -> ExportResult:
         },
     )
     return export_model(model, manifest, samples, config)
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What a bare state_dict does not say about itself: architecture, classes, input.
+
+    ``mean`` and ``std`` are per channel on the [0, 1] pixel scale (ImageNet's are
+    ``0.485,0.456,0.406`` and ``0.229,0.224,0.225``).
+    """
+
+    arch: str
+    labels: tuple[str, ...]
+    input: InputSpec
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dataset: str = "unknown"
+    arch_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        channels = self.input.channels
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(
+                f"mean and std need {channels} value(s), one per input channel; got "
+                f"{len(self.mean)} and {len(self.std)}"
+            )
+        if any(not 0.0 <= m <= 1.0 for m in self.mean) or any(not 0.0 < s <= 1.0 for s in self.std):
+            raise ValueError(
+                "mean and std are on the [0, 1] pixel scale (divide 0-255 values by 255), "
+                f"got mean {list(self.mean)} and std {list(self.std)}"
+            )
+        if len(self.labels) < 2:
+            raise ValueError(f"a classifier needs at least 2 labels, got {len(self.labels)}")
+
+
+def export_state_dict(
+    config: ExportConfig,
+    spec: WeightsSpec,
+    images: Sequence[Path] = (),
+    source: Mapping[str, Any] | None = None,
+) -> ExportResult:
+    """Export a bare state_dict (``config.checkpoint``) of a registered architecture.
+
+    The parity check runs on ``images`` (files or folders; each also mirrored) and, to make
+    up ``config.parity.samples``, on smooth random images.
+    """
+    validate_name(config.name)
+    weights = load_state_dict(config.checkpoint)
+    model = build_from_state_dict(weights, spec)
+    samples, origin = verification_pixels(images, spec.input, config.parity.samples)
+    manifest = Manifest(
+        labels=spec.labels,
+        input=spec.input,
+        source={
+            "architecture": spec.arch,
+            "arch_options": dict(spec.arch_options),
+            "dataset": spec.dataset,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "parameters": sum(p.numel() for p in model.net.parameters()),
+            "checkpoint_sha256": _sha256(config.checkpoint),
+            "parity_images": origin,
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "tinyserve_version": __version__,
+            **(source or {}),
+        },
+    )
+    return export_model(model, manifest, samples, config)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a bare state_dict with ``weights_only=True`` (no code in the file is run).
+
+    Also accepted: a mapping that holds the state_dict under ``"state_dict"`` or ``"model"``,
+    and keys prefixed ``module.`` (saved from ``nn.DataParallel``).
+    """
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors, so it cannot be loaded safely "
+            "(weights_only=True); if you trust its origin, convert it once to a plain "
+            "state_dict: torch.save(torch.load(PATH, weights_only=False).state_dict(), "
+            "'weights.pt')"
+        ) from None
+    except Exception as exc:  # torch raises many types for damaged or foreign files
+        raise CheckpointError(f"cannot read weights file {path}: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"{path} does not hold a state_dict (a mapping of tensors)")
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds values other than tensors; expected a state_dict")
+    if all(str(k).startswith("module.") for k in state):
+        state = {str(k).removeprefix("module."): v for k, v in state.items()}
+    return {str(k): v for k, v in state.items()}
+
+
+def build_from_state_dict(weights: Mapping[str, torch.Tensor], spec: WeightsSpec) -> ServingModel:
+    """Build ``spec.arch`` for ``spec``'s classes and channels, load ``weights``, wrap it."""
+    try:
+        net = create_model(
+            spec.arch,
+            num_classes=len(spec.labels),
+            in_channels=spec.input.channels,
+            **spec.arch_options,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    own = net.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    reshaped = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    if missing or unexpected or reshaped:
+        first = reshaped[0] if reshaped else None
+        detail = (
+            f"; e.g. {first} is {tuple(weights[first].shape)} in the file, "
+            f"{tuple(own[first].shape)} in the model"
+            if first
+            else f"; e.g. {(missing or unexpected)[0]!r}"
+        )
+        raise CheckpointError(
+            f"the weights do not fit {spec.arch} with {len(spec.labels)} classes and "
+            f"{spec.input.channels} input channel(s): {len(missing)} missing, "
+            f"{len(unexpected)} unexpected and {len(reshaped)} mis-shaped tensors{detail}"
+        )
+    net.load_state_dict(weights)
+    return ServingModel(net, spec.mean, spec.std).eval()
 
 
 def export_model(

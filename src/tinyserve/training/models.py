@@ -7,11 +7,14 @@ name, and ``tinyserve train --arch name`` and ``tinyserve export`` then work wit
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from tinyserve.errors import ConfigError
 
 ModelFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -34,14 +37,33 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int, in_channels: int, **options: Any) -> nn.Module:
-    """Build the registered architecture ``name``."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown architecture {name!r}; choose one of {', '.join(list_models())}"
-        ) from None
+    """Build the registered architecture ``name``, or the factory named ``"module:function"``.
+
+    The import string lets the command line use an architecture defined outside tinyserve
+    (importing its module also runs any ``@register_model`` in it).
+    """
+    factory = _REGISTRY.get(name) or _import_factory(name)
     return factory(num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def _import_factory(name: str) -> ModelFactory:
+    module_name, colon, attribute = name.partition(":")
+    if not colon:
+        raise ValueError(
+            f"unknown architecture {name!r}; choose one of {', '.join(list_models())}, or "
+            "name your own factory as 'module:function'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"cannot import {module_name!r} for architecture {name!r} ({exc}); is it installed "
+            "or on PYTHONPATH?"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"architecture {name!r}: {module_name} has no factory {attribute!r}")
+    return factory  # type: ignore[no-any-return]
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, groups: int = 1) -> list[nn.Module]:
@@ -127,6 +149,31 @@ class VGGLite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))  # type: ignore[no-any-return]
+
+
+@register_model("efficientnet_lite0")
+def efficientnet_lite0(
+    num_classes: int = 1000, in_channels: int = 3, image_size: int | None = None
+) -> nn.Module:
+    """EfficientNet-Lite0 (4.7M parameters at 1000 classes; ReLU6, no squeeze-excitation).
+
+    Built by the ``efficientnet-lite-pytorch`` package (the ``pretrained`` extra). TensorFlow's
+    "same" padding is fixed for ``image_size`` when given (export needs that: the padding
+    computed per input does not survive graph simplification), else computed per input.
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ConfigError(
+            "efficientnet_lite0 needs the efficientnet-lite-pytorch package; install it with "
+            "pip install 'tinyserve[pretrained]'"
+        ) from None
+    return EfficientNet.from_name(  # type: ignore[no-any-return]
+        "efficientnet-lite0",
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+    )
 
 
 class Preprocess(nn.Module):
