@@ -210,7 +210,9 @@ def _cdf_figure(steps: Sequence[StepReport]) -> Figure | None:
         ax.step(xs, ys, where="post", label=step.name)
     ax.set_xscale("log")
     ax.set_yscale("logit")
-    ax.set_yticks([0.1, 0.5, 0.9, 0.99, 0.999], ["10%", "50%", "90%", "99%", "99.9%"])
+    ticks = [0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999]
+    ax.set_yticks(ticks, [f"{100 * t:g}%" for t in ticks])
+    ax.yaxis.set_minor_formatter("")
     ax.set_xlabel("latency (ms, log scale)")
     ax.set_ylabel("answers at or below")
     ax.grid(True, which="both", alpha=0.3)
@@ -230,7 +232,8 @@ def _throughput_figure(steps: Sequence[StepReport]) -> Figure | None:
         xs = [(s.rate or 0.0) if is_open else float(s.concurrency) for s in group]
         ax.plot(xs, [s.ok_rps for s in group], "o-", color="tab:blue", label="2xx answers/s")
         if is_open:
-            ax.plot(xs, xs, ":", color="grey", label="offered")
+            ax.plot([0.0, max(xs)], [0.0, max(xs)], ":", color="grey", label="offered")
+            ax.set_xlim(left=0)
             ax.set_xlabel("offered rate (requests/s)")
         else:
             ax.set_xscale("log", base=2)
@@ -239,10 +242,13 @@ def _throughput_figure(steps: Sequence[StepReport]) -> Figure | None:
         ax.set_ylabel("throughput (requests/s)")
         ax.set_ylim(bottom=0)
         twin = ax.twinx()
-        twin.plot(xs, [_nan(s.latency_ms.get("p99")) for s in group], "s--", color="tab:red")
+        p99 = [_nan(s.latency_ms.get("p99")) for s in group]
+        twin.plot(xs, p99, "s--", color="tab:red", label="p99 latency")
         twin.set_ylabel("p99 latency (ms)", color="tab:red")
         twin.set_ylim(bottom=0)
-        ax.legend(loc="upper left")
+        lines, labels = ax.get_legend_handles_labels()
+        more_lines, more_labels = twin.get_legend_handles_labels()
+        ax.legend(lines + more_lines, labels + more_labels, loc="upper left")
         ax.grid(True, alpha=0.3)
     return figure
 
