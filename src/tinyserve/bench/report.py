@@ -258,13 +258,15 @@ def _batch_figure(steps: Sequence[StepReport]) -> Figure | None:
     if not found:
         return None
     labels = _ordered(b["bucket"] for _, batch in found for b in batch["distribution"])
+    used = {b["bucket"] for _, batch in found for b in batch["distribution"] if b["count"]}
+    labels = labels[: max((i + 1 for i, label in enumerate(labels) if label in used), default=1)]
     figure, (ax,) = _figure()
     width = 0.8 / len(found)
     for i, (step, batch) in enumerate(found):
         counts = {b["bucket"]: b["count"] for b in batch["distribution"]}
         fractions = [counts.get(label, 0) / batch["batches"] for label in labels]
         positions = [j + (i - (len(found) - 1) / 2) * width for j in range(len(labels))]
-        ax.bar(positions, fractions, width, label=f"{step.name} (mean {batch['mean']:g})")
+        ax.bar(positions, fractions, width, label=f"{step.name} (mean {batch['mean']:.3g})")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("images per inference batch")
     ax.set_ylabel("fraction of batches")
