@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,11 @@ from typer.testing import CliRunner
 
 from conftest import ROOT
 from tinyserve.cli import app
-from tinyserve.manifest import read_manifest
+from tinyserve.errors import ModelError
+from tinyserve.manifest import read_labels, read_manifest
+from tinyserve.onnx_import import OnnxImportConfig, import_onnx
+from tinyserve.predict import predict_files
+from tinyserve.training.pretrained import IMAGENET_LABELS
 
 PHOTOS = ROOT / "samples" / "photos"
 DOMESTIC_CATS = {
@@ -80,3 +85,70 @@ def test_an_unknown_pretrained_name_lists_the_known_ones(tmp_path: Path) -> None
     result = CliRunner().invoke(app, ["import", "resnet-9000", "--repo", str(tmp_path)])
     assert result.exit_code != 0
     assert "efficientnet-lite0" in str(result.exception)
+
+
+@pytest.fixture(scope="module")
+def lite0_float_onnx(tmp_path_factory: pytest.TempPathFactory) -> Callable[[bool], Path]:
+    """Factory: the bare pretrained network exported as a float NCHW ONNX model."""
+    import warnings
+
+    import torch
+
+    from tinyserve.training.export import load_state_dict
+    from tinyserve.training.models import create_model
+    from tinyserve.training.pretrained import PRETRAINED
+
+    entry = PRETRAINED["efficientnet-lite0"]
+    net = create_model(entry.arch, num_classes=1000, in_channels=3, **entry.arch_options)
+    net.load_state_dict(load_state_dict(entry.weights()))
+    folder = tmp_path_factory.mktemp("lite0-float")
+
+    def export(dynamic: bool) -> Path:
+        path = folder / f"lite0-{'dynamic' if dynamic else 'fixed'}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net.eval(),
+                (torch.zeros(1, 3, 224, 224),),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}} if dynamic else None,
+                opset_version=17,
+                dynamo=False,
+            )
+        return path
+
+    return export
+
+
+def test_an_onnx_export_of_the_network_imports_to_the_same_predictions(
+    lite0: Path, lite0_float_onnx: Callable[[bool], Path], tmp_path: Path
+) -> None:
+    source = lite0_float_onnx(True)
+    args = ["import", str(source), "--repo", str(tmp_path), "--name", "lite0-onnx"]
+    labels = ["--labels", str(IMAGENET_LABELS), "--in-channels", "3"]
+    norm = ["--mean", "0.498039", "--std", "0.501961"]  # 127 and 128 on 0-255
+    crop = ["--resize", "crop", "--crop-fraction", "0.875", "--images", str(PHOTOS)]
+    result = CliRunner().invoke(app, [*args, *labels, *norm, *crop])
+    assert result.exit_code == 0, result.output
+    imported = predict_files(str(tmp_path / "lite0-onnx"), [PHOTOS], top_k=5)
+    exported = predict_files(str(lite0), [PHOTOS], top_k=5)
+    for a, b in zip(imported, exported, strict=True):
+        assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+
+
+def test_a_batch_size_baked_into_the_graph_is_reported(
+    lite0_float_onnx: Callable[[bool], Path], tmp_path: Path
+) -> None:
+    config = OnnxImportConfig(
+        source=lite0_float_onnx(False),
+        name="fixed",
+        labels=read_labels(IMAGENET_LABELS),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        repo=tmp_path,
+        samples=4,
+    )
+    with pytest.raises(ModelError, match="fails on a batch of 4.*dynamic batch axis"):
+        import_onnx(config)

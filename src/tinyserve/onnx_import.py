@@ -263,7 +263,8 @@ def _input_spec(graph_input: Any, config: OnnxImportConfig) -> InputSpec:
     if dims[c_axis] is not None and dims[c_axis] != config.channels:
         raise ConfigError(
             f"the model takes {dims[c_axis]} channel(s) on axis {c_axis} ({config.layout}) but "
-            f"{config.channels} mean/std value(s) were given; check --layout and --mean/--std"
+            f"{config.channels} mean/std value(s) were given; check --layout, --mean/--std and "
+            "--in-channels"
         )
     fixed = (dims[h_axis], dims[w_axis])
     if config.size is None:
