@@ -23,8 +23,8 @@ install: $(STAMP) data  ## create .venv with tinyserve[dev] and fetch the datase
 data:  ## install Debian's dataset-fashion-mnist when it is missing
 	@bash scripts/ensure-dataset.sh
 
-run: install  ## classify the bundled samples with the bundled model
-	$(BIN)/tinyserve predict models/fashion-cnn samples/fashion
+run: install  ## serve the bundled model and classify the samples through it (ONCE=1 to stop after)
+	@VENV=$(VENV) HOST=$(HOST) PORT=$(PORT) bash scripts/run-demo.sh
 
 test: install lint typecheck pytest  ## ruff, mypy and the whole pytest suite
 

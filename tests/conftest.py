@@ -23,17 +23,35 @@ needs_fashion_mnist = pytest.mark.skipif(
 COLORS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (40, 50, 210)}
 
 
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A small PNG file whose header declares ``width x height`` pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def color_image(name: str, size: tuple[int, int] = (24, 20), seed: int = 1) -> Image.Image:
+    """A noisy image of one of the ``COLORS`` classes, like those in the generated folder."""
+    noise = np.random.default_rng(seed).integers(-40, 40, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.array(COLORS[name]) + noise, 0, 255).astype(np.uint8))
+
+
 def write_image_folder(root: Path, per_class: int = 16, size: tuple[int, int] = (24, 20)) -> Path:
     """Three classes of noisy, coloured images, saved as a mix of PNG and JPEG."""
-    rng = np.random.default_rng(0)
-    for c, (name, color) in enumerate(COLORS.items()):
+    for c, name in enumerate(COLORS):
         folder = root / name
         folder.mkdir(parents=True)
         for i in range(per_class):
-            noise = rng.integers(-40, 40, (size[1], size[0], 3))
-            pixels = np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
             suffix = ".png" if (i + c) % 2 else ".jpg"
-            Image.fromarray(pixels).save(folder / f"{i:03d}{suffix}")
+            color_image(name, size, seed=1000 * c + i).save(folder / f"{i:03d}{suffix}")
     return root
 
 
@@ -47,7 +65,7 @@ def train_tiny(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> 
     """Factory: train an architecture for a few quick epochs; returns best.pt."""
     from tinyserve.training.train import TrainConfig, fit
 
-    def train(arch: str = "custom_cnn", epochs: int = 2, **options: object) -> Path:
+    def train(arch: str = "custom_cnn", epochs: int = 8, **options: object) -> Path:
         out = tmp_path_factory.mktemp(f"run-{arch}")
         config = TrainConfig(
             out=out,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ COMMANDS = ["train", "export", "import", "evaluate", "predict"]
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     code = "from tinyserve.cli import main; main()"
+    env = {**os.environ, "COLUMNS": "250"}  # keep rich tables on one line per row
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env
     )
 
 

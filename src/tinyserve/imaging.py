@@ -54,8 +54,12 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = DEFAULT_LIM
         raise ImageDecodeError(
             "the data is not a recognised image (expected JPEG, PNG, WebP, BMP, GIF or TIFF)"
         ) from exc
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"cannot read the image header: {exc}") from exc
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(
+            f"the image declares more pixels than the limit of {limits.max_pixels:,} pixels ({exc})"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"the image is damaged or truncated: {exc}") from exc
     with image:
         if image.format not in FORMATS:
             raise UnsupportedMediaType(

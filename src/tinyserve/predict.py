@@ -1,4 +1,4 @@
-"""Classify image files with a local model, in process (``tinyserve predict``)."""
+"""Classify image files with a local model in process, or through a running server."""
 
 from __future__ import annotations
 
@@ -36,7 +36,14 @@ def expand_images(paths: Iterable[Path]) -> list[Path]:
 
 
 def predict_files(model: str, paths: Iterable[Path], top_k: int = 5) -> list[dict[str, Any]]:
-    """One result per image: ``{"image", "predictions", "error"}``, in the input order."""
+    """One result per image: ``{"image", "predictions", "error"}``, in the input order.
+
+    ``model`` is a model folder, ``FOLDER:VERSION`` or .onnx file (run in process), or the
+    URL of a server (``http://host:port`` for its default model, or
+    ``http://host:port/v1/models/NAME``).
+    """
+    if model.startswith(("http://", "https://")):
+        return predict_remote(model, expand_images(paths), top_k)
     ref = resolve(model)
     engine = Engine(ref.path, EngineConfig(warmup_runs=0))
     files = expand_images(paths)
@@ -64,3 +71,47 @@ def predict_files(model: str, paths: Iterable[Path], top_k: int = 5) -> list[dic
         for (i, _), preds in zip(chunk, ranked, strict=True):
             results[i]["predictions"] = [asdict(p) for p in preds]
     return results
+
+
+def predict_remote(url: str, files: list[Path], top_k: int) -> list[dict[str, Any]]:
+    """POST each image's bytes to a tinyserve server."""
+    import httpx
+
+    base = url.rstrip("/")
+    endpoint = base if base.endswith("/predict") else f"{base}/predict"
+    results: list[dict[str, Any]] = []
+    with httpx.Client(timeout=60.0) as client:
+        for path in files:
+            item: dict[str, Any] = {"image": str(path), "predictions": None, "error": None}
+            try:
+                response = client.post(
+                    endpoint,
+                    content=path.read_bytes(),
+                    params={"top_k": top_k},
+                    headers={"content-type": "application/octet-stream"},
+                )
+            except httpx.HTTPError as exc:
+                raise ConfigError(f"cannot reach {endpoint}: {exc}") from exc
+            body = _json_or_none(response)
+            if response.status_code == 200 and body is not None:
+                item.update(model=body["model"], version=body["version"])
+                item["predictions"] = [
+                    {k: p[k] for k in ("label", "class_id", "confidence")}
+                    for p in body["predictions"]
+                ]
+            else:
+                error = (body or {}).get("error") or {}
+                item["error"] = {
+                    "code": error.get("code", f"http_{response.status_code}"),
+                    "message": error.get("message", response.text[:200]),
+                }
+            results.append(item)
+    return results
+
+
+def _json_or_none(response: Any) -> dict[str, Any] | None:
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,8 +1,10 @@
 """The model repository: ``<repo>/<name>/<version>/model.onnx`` with an optional config.toml.
 
 Triton's layout: a folder per model, a numbered folder per version. The highest version is
-served unless ``config.toml`` pins one (``version = 1``). ``config.toml`` may also hold a
-``[batching]`` table, read by the server.
+served unless ``config.toml`` pins one (``version = 1``); ``versions = "all"`` or
+``versions = [1, 2]`` makes the server load several versions side by side (requests pick
+one with ``?version=N``). A ``[batching]`` table overrides the server's batching settings
+for this model (``max_batch_size``, ``max_delay_ms``, ``max_queue``, ``timeout_s``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ModelConfig:
     """A model's config.toml: which version to serve and server-side settings."""
 
     version: int | None = None
+    versions: str | tuple[int, ...] = ()
     batching: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -41,10 +44,20 @@ class ModelConfig:
         version = data.get("version")
         if version is not None and (not isinstance(version, int) or version < 1):
             raise ConfigError(f"{path}: version must be a positive integer, got {version!r}")
+        versions = data.get("versions", ())
+        if versions != "all" and not (
+            isinstance(versions, list | tuple)
+            and all(isinstance(v, int) and v > 0 for v in versions)
+        ):
+            raise ConfigError(f'{path}: versions must be "all" or a list of version numbers')
         batching = data.get("batching", {})
         if not isinstance(batching, dict):
             raise ConfigError(f"{path}: [batching] must be a table")
-        return cls(version=version, batching=batching)
+        return cls(
+            version=version,
+            versions=versions if versions == "all" else tuple(versions),
+            batching=batching,
+        )
 
 
 @dataclass(frozen=True)

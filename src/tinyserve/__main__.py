@@ -1,0 +1,5 @@
+"""``python -m tinyserve`` runs the command line."""
+
+from tinyserve.cli import main
+
+main()

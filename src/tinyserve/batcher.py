@@ -1,0 +1,217 @@
+"""Dynamic batching: one small loop per model version.
+
+Requests enter a bounded ``asyncio.Queue`` as ``(pixels, future)``. One consumer task takes
+the first waiting item, then gathers more until ``max_batch_size`` or until ``max_delay_ms``
+has passed since the first, skips callers that have gone, stacks the pixels and runs one
+inference in the batcher's own thread (ONNX Runtime releases the GIL), then resolves each
+future with its row. While a batch runs, new requests queue up, so batches grow with load
+even when ``max_delay_ms`` is 0. A full queue fails at once with ``Overloaded``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinyserve.engine import Logits
+from tinyserve.errors import InferenceTimeout, ModelError, ModelNotReady, Overloaded
+from tinyserve.imaging import Pixels
+
+InferFn = Callable[[Pixels], Logits]
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Batching and admission settings of one model version."""
+
+    max_batch_size: int = 32
+    max_delay_ms: float = 0.0
+    max_queue: int = 512
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {self.max_queue}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """Where one request's time went inside the batcher, in seconds."""
+
+    queue: float
+    inference: float
+    batch_size: int
+    batch_id: int
+
+
+BatchObserver = Callable[[int, Sequence[float], float], None]
+
+
+@dataclass
+class _Item:
+    pixels: Pixels
+    future: asyncio.Future[tuple[Logits, BatchTiming]]
+    enqueued: float
+
+
+class Batcher:
+    """Collects single-image requests into batches for one ``infer`` function."""
+
+    def __init__(
+        self,
+        infer: InferFn,
+        config: BatchConfig | None = None,
+        name: str = "model",
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.infer = infer
+        self.config = config or BatchConfig()
+        self.name = name
+        self.observer = observer
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._inflight = 0
+        self._closing = False
+        self._batches = 0
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting or running."""
+        return self._inflight
+
+    def start(self) -> None:
+        if self._task is None:
+            self._queue = asyncio.Queue(self.config.max_queue)
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"batcher-{self.name}"
+            )
+
+    async def warmup(self, pixels: Pixels, runs: int = 2) -> None:
+        """Run ``pixels`` through the inference thread, outside the metrics."""
+        loop = asyncio.get_running_loop()
+        for _ in range(runs):
+            await loop.run_in_executor(self._thread, self.infer, pixels[None])
+
+    async def submit(self, pixels: Pixels) -> tuple[Logits, BatchTiming]:
+        """Logits row for one image, once its batch has run."""
+        return await self._wait(self._enqueue(pixels))
+
+    async def submit_many(self, images: Sequence[Pixels]) -> list[tuple[Logits, BatchTiming]]:
+        """Enqueue several images at once (they share batches) and wait for all of them."""
+        if len(images) > self.config.max_queue:
+            raise Overloaded(
+                f"{len(images)} images exceed the queue of {self.config.max_queue} for "
+                f"{self.name}; send smaller batches"
+            )
+        futures = [self._enqueue(p) for p in images]
+        return list(await asyncio.gather(*(self._wait(f) for f in futures)))
+
+    def _enqueue(self, pixels: Pixels) -> asyncio.Future[tuple[Logits, BatchTiming]]:
+        if self._queue is None or self._closing:
+            raise ModelNotReady(f"{self.name} is not accepting requests")
+        future: asyncio.Future[tuple[Logits, BatchTiming]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        try:
+            self._queue.put_nowait(_Item(pixels, future, time.perf_counter()))
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"{self.name} has {self.config.max_queue} requests queued; retry shortly",
+                retry_after=1.0,
+            ) from None
+        self._inflight += 1
+        return future
+
+    async def _wait(
+        self, future: asyncio.Future[tuple[Logits, BatchTiming]]
+    ) -> tuple[Logits, BatchTiming]:
+        # wait_for cancels the future on timeout or when the caller goes away, and the
+        # batching loop then skips it if its batch has not run yet.
+        try:
+            return await asyncio.wait_for(future, self.config.timeout_s)
+        except TimeoutError:
+            raise InferenceTimeout(
+                f"{self.name} did not answer within {self.config.timeout_s:g}s"
+            ) from None
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        max_size, max_delay = self.config.max_batch_size, self.config.max_delay_ms / 1000
+        while True:
+            items = [await queue.get()]
+            deadline = loop.time() + max_delay
+            while len(items) < max_size:
+                if queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        items.append(await asyncio.wait_for(queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                else:
+                    items.append(queue.get_nowait())
+            live = [item for item in items if not item.future.done()]
+            self._inflight -= len(items) - len(live)
+            if live:
+                await self._run_batch(loop, live)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            batch = np.stack([item.pixels for item in items])
+            logits = await loop.run_in_executor(self._thread, self.infer, batch)
+            if len(logits) != len(items):
+                raise ModelError(
+                    f"{self.name} returned {len(logits)} outputs for a batch of {len(items)}"
+                )
+        except Exception as exc:  # one failed batch fails its own requests only
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            self._inflight -= len(items)
+            return
+        inference = time.perf_counter() - started
+        self._batches += 1
+        waits = [started - item.enqueued for item in items]
+        for item, row, wait in zip(items, logits, waits, strict=True):
+            if not item.future.done():
+                timing = BatchTiming(wait, inference, len(items), self._batches)
+                item.future.set_result((row, timing))
+        self._inflight -= len(items)
+        if self.observer is not None:
+            self.observer(len(items), waits, inference)
+
+    async def close(self, drain_timeout: float = 10.0) -> None:
+        """Stop intake, let queued requests finish (up to ``drain_timeout``), then stop."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout
+        while self._inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not item.future.done():
+                    item.future.set_exception(ModelNotReady(f"{self.name} was shut down"))
+        self._thread.shutdown(wait=True)

@@ -1,0 +1,159 @@
+"""Prometheus collectors and the ``/stats`` JSON summary.
+
+Every server gets its own ``CollectorRegistry`` so that several apps (tests, reloads) never
+share or double-register collectors.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+STAGES = ("decode", "queue", "inference", "total")
+
+
+class Metrics:
+    """The server's collectors, plus a rolling window of request latencies for ``/stats``."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tinyserve_requests",
+            "HTTP requests by route and status code.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "tinyserve_request_seconds",
+            "Time from request arrival to response, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "tinyserve_stage_seconds",
+            "Per-image time in each stage: decode, queue wait, inference, total.",
+            ["model", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "tinyserve_batch_size",
+            "Images per inference batch.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "tinyserve_queue_depth",
+            "Requests waiting for or in inference.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_loaded = Gauge(
+            "tinyserve_model_loaded",
+            "1 for each model version currently served.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.model_load_seconds = Gauge(
+            "tinyserve_model_load_seconds",
+            "Time the served version took to load and warm up.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=window)
+        self._total = 0
+        self._failed = 0
+        self._latency_sum = 0.0
+        self._per_model: dict[str, list[float]] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float, model: str | None) -> None:
+        """Record one finished prediction request (health and metrics scrapes are not counted)."""
+        self.requests.labels(route, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+        with self._lock:
+            self._total += 1
+            self._latency_sum += seconds
+            self._latencies.append(seconds)
+            if status >= 400:
+                self._failed += 1
+            if model is not None:
+                counts = self._per_model.setdefault(model, [0, 0, 0.0])
+                counts[0] += 1
+                counts[1] += status >= 400
+                counts[2] += seconds
+
+    def count_request(self, route: str, status: int) -> None:
+        """Count a request that is not a prediction (health, metadata...)."""
+        self.requests.labels(route, str(status)).inc()
+
+    def observe_stages(self, model: str, decode: float, queue: float, inference: float,
+                       total: float) -> None:  # fmt: skip
+        stage = self.stage_seconds
+        stage.labels(model, "decode").observe(decode)
+        stage.labels(model, "queue").observe(queue)
+        stage.labels(model, "inference").observe(inference)
+        stage.labels(model, "total").observe(total)
+
+    def batch_observer(self, model: str) -> Any:
+        """A callback for ``Batcher(observer=...)`` that records batch sizes."""
+        histogram = self.batch_size.labels(model)
+
+        def observe(size: int, waits: Sequence[float], inference: float) -> None:
+            histogram.observe(size)
+
+        return observe
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def stats(self) -> dict[str, Any]:
+        """The ``/stats`` summary (seed field names) with a per-model breakdown."""
+        with self._lock:
+            total, failed = self._total, self._failed
+            latencies = np.fromiter(self._latencies, dtype=np.float64)
+            latency_sum = self._latency_sum
+            per_model = {k: list(v) for k, v in self._per_model.items()}
+        uptime = time.time() - self.started
+        if len(latencies):
+            p50, p95, p99 = (float(x) * 1000 for x in np.percentile(latencies, [50, 95, 99]))
+        else:
+            p50 = p95 = p99 = 0.0
+        return {
+            "uptime_seconds": round(uptime, 3),
+            "total_requests": total,
+            "successful_requests": total - failed,
+            "failed_requests": failed,
+            "success_rate": round(100.0 * (total - failed) / total, 3) if total else 100.0,
+            "average_latency_ms": round(1000 * latency_sum / total, 3) if total else 0.0,
+            "p50_latency_ms": round(p50, 3),
+            "p95_latency_ms": round(p95, 3),
+            "p99_latency_ms": round(p99, 3),
+            "requests_per_second": round(total / uptime, 3) if uptime > 0 else 0.0,
+            "latency_window": len(latencies),
+            "models": {
+                name: {
+                    "total_requests": int(n),
+                    "failed_requests": int(bad),
+                    "average_latency_ms": round(1000 * s / n, 3) if n else 0.0,
+                }
+                for name, (n, bad, s) in per_model.items()
+            },
+        }

@@ -1,0 +1,255 @@
+"""The models a server has loaded: load and warm, look up, hot-swap, drain.
+
+The repository (``repository.py``) says what is on disk; this registry holds what is in
+memory: for each model name, the versions being served, each with its engine and batcher.
+A reload builds the new version beside the old one, warms it, swaps the dictionary entry in
+one step, and only then drains the old batcher, so requests in flight finish on the version
+they started on and a version that fails to load never replaces a working one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinyserve.batcher import BatchConfig, Batcher, BatchTiming
+from tinyserve.engine import Engine, EngineConfig, Logits
+from tinyserve.errors import ConfigError, ModelError, ModelNotFound, ModelNotReady
+from tinyserve.imaging import Pixels
+from tinyserve.manifest import Manifest
+from tinyserve.metrics import Metrics
+from tinyserve.repository import ModelConfig, discover, list_versions, version_path
+
+log = logging.getLogger("tinyserve")
+
+
+@dataclass
+class LoadedModel:
+    """One served version: its engine, its batcher and when it was loaded."""
+
+    name: str
+    version: int
+    path: Path
+    engine: Engine
+    batcher: Batcher
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.engine.manifest
+
+    async def infer_one(self, pixels: Pixels) -> tuple[Logits, BatchTiming]:
+        return await self.batcher.submit(pixels)
+
+    async def infer_many(self, images: list[Pixels]) -> list[tuple[Logits, BatchTiming]]:
+        return await self.batcher.submit_many(images)
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.manifest.input
+        return {
+            "version": self.version,
+            "path": str(self.path),
+            "state": "ready",
+            "loaded_at": self.loaded_at,
+            "load_seconds": round(self.engine.load_seconds, 4),
+            "input": {
+                "name": self.engine.input_name,
+                "dtype": "uint8",
+                "shape": [-1, spec.height, spec.width, spec.channels],
+                "color": spec.color,
+                "resize": spec.resize,
+            },
+            "batching": {
+                "max_batch_size": self.batcher.config.max_batch_size,
+                "max_delay_ms": self.batcher.config.max_delay_ms,
+                "max_queue": self.batcher.config.max_queue,
+                "timeout_s": self.batcher.config.timeout_s,
+            },
+            "num_classes": self.manifest.num_classes,
+            "labels": list(self.manifest.labels),
+            "source": dict(self.manifest.source),
+        }
+
+
+@dataclass
+class _Entry:
+    default: int
+    versions: dict[int, LoadedModel]
+
+
+class ModelRegistry:
+    """Loaded models by name; the first (or configured) one is the default model."""
+
+    def __init__(
+        self,
+        repo: Path,
+        engine_config: EngineConfig | None = None,
+        batch_config: BatchConfig | None = None,
+        metrics: Metrics | None = None,
+        default_model: str | None = None,
+    ) -> None:
+        self.repo = repo
+        self.engine_config = engine_config or EngineConfig()
+        self.batch_config = batch_config or BatchConfig()
+        self.metrics = metrics or Metrics()
+        self._default_name = default_model
+        self._models: dict[str, _Entry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.errors: dict[str, str] = {}
+        self.ready = False
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    @property
+    def default_name(self) -> str:
+        if self._default_name is not None:
+            return self._default_name
+        if len(self._models) == 1:
+            return next(iter(self._models))
+        if not self._models:
+            raise ModelNotReady("no model is loaded")
+        raise ModelNotFound(
+            f"several models are served ({', '.join(self.names)}); name one in the path "
+            "(/v1/models/NAME/predict) or start the server with --default-model"
+        )
+
+    async def load_all(self) -> None:
+        """Load every model in the repository; failures are recorded, not raised."""
+        folders = discover(self.repo)
+        if self._default_name is not None and self._default_name not in folders:
+            raise ConfigError(
+                f"--default-model {self._default_name!r} is not in {self.repo} "
+                f"(found: {', '.join(folders) or 'nothing'})"
+            )
+        for name in folders:
+            try:
+                await self.load(name)
+            except (ModelError, ConfigError) as exc:
+                self.errors[name] = exc.message
+                log.error("model %s failed to load: %s", name, exc.message)
+        self.ready = True
+
+    def get(self, name: str | None = None, version: int | None = None) -> LoadedModel:
+        """The served version of ``name`` (the default model when None)."""
+        name = name or self.default_name
+        entry = self._models.get(name)
+        if entry is None:
+            if name in self.errors:
+                raise ModelNotReady(f"model {name!r} failed to load: {self.errors[name]}")
+            known = ", ".join(self.names) or "none"
+            raise ModelNotFound(f"no model named {name!r} is served (served: {known})")
+        chosen = entry.default if version is None else version
+        loaded = entry.versions.get(chosen)
+        if loaded is None:
+            served = ", ".join(map(str, sorted(entry.versions)))
+            raise ModelNotFound(f"model {name!r} has no served version {chosen} (served: {served})")
+        return loaded
+
+    def versions(self, name: str) -> list[LoadedModel]:
+        self.get(name)  # raises the right error for unknown or failed models
+        return [v for _, v in sorted(self._models[name].versions.items())]
+
+    async def load(self, name: str) -> list[LoadedModel]:
+        """(Re)load ``name`` from disk; on success swap it in, else keep what was served."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            folder = self.repo / name
+            config = ModelConfig.read(folder)
+            available = list_versions(folder)
+            if not available:
+                raise ModelNotFound(f"{folder} holds no <version>/model.onnx")
+            wanted = _versions_to_serve(config, available, folder)
+            default = config.version or max(wanted)
+            batching = _batch_config(self.batch_config, config.batching, folder)
+            old = self._models.get(name)
+            fresh: dict[int, LoadedModel] = {}
+            try:
+                for version in wanted:
+                    fresh[version] = await self._load_version(name, version, batching)
+            except BaseException:
+                for loaded in fresh.values():
+                    await loaded.batcher.close(0)
+                raise
+            self._models[name] = _Entry(default, fresh)
+            self.errors.pop(name, None)
+            for loaded in fresh.values():
+                self.metrics.model_loaded.labels(name, str(loaded.version)).set(1)
+            self.metrics.model_load_seconds.labels(name).set(fresh[default].engine.load_seconds)
+            if old is not None:
+                for version, loaded in old.versions.items():
+                    if version not in fresh:
+                        self.metrics.model_loaded.labels(name, str(version)).set(0)
+                    asyncio.get_running_loop().create_task(loaded.batcher.close())
+            log.info("serving %s versions %s (default %d)", name, sorted(fresh), default)
+            return list(fresh.values())
+
+    async def unload(self, name: str) -> None:
+        entry = self._models.pop(name, None)
+        if entry is None:
+            raise ModelNotFound(f"no model named {name!r} is served")
+        for version, loaded in entry.versions.items():
+            self.metrics.model_loaded.labels(name, str(version)).set(0)
+            await loaded.batcher.close()
+
+    async def reload_all(self) -> dict[str, str | None]:
+        """Reload every model on disk; returns each model's error, or None."""
+        results: dict[str, str | None] = {}
+        for name in discover(self.repo):
+            try:
+                await self.load(name)
+                results[name] = None
+            except (ModelError, ConfigError) as exc:
+                results[name] = exc.message
+        return results
+
+    async def close(self, drain_timeout: float = 10.0) -> None:
+        batchers = [v.batcher for e in self._models.values() for v in e.versions.values()]
+        await asyncio.gather(*(b.close(drain_timeout) for b in batchers))
+        self._models.clear()
+        self.ready = False
+
+    async def _load_version(self, name: str, version: int, batching: BatchConfig) -> LoadedModel:
+        path = version_path(self.repo / name, version)
+        engine = await asyncio.to_thread(Engine, path, self.engine_config)
+        label = f"{name}:{version}"
+        batcher = Batcher(engine.infer, batching, label, self.metrics.batch_observer(name))
+        batcher.start()
+        # Warm the inference thread itself: the first run on a new thread is slow.
+        await batcher.warmup(np.zeros(engine.manifest.input.shape, dtype=np.uint8))
+        return LoadedModel(name, version, path, engine, batcher)
+
+
+def _versions_to_serve(config: ModelConfig, available: list[int], folder: Path) -> list[int]:
+    if isinstance(config.versions, str):  # "all"
+        return available
+    if config.versions:
+        missing = sorted(set(config.versions) - set(available))
+        if missing:
+            raise ModelNotFound(f"{folder}/config.toml lists versions {missing} that do not exist")
+        return sorted(config.versions)
+    chosen = config.version or available[-1]
+    if chosen not in available:
+        raise ModelNotFound(f"{folder}/config.toml pins version {chosen}, which does not exist")
+    return [chosen]
+
+
+def _batch_config(base: BatchConfig, overrides: Mapping[str, Any], folder: Path) -> BatchConfig:
+    known = {f.name for f in fields(BatchConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"{folder}/config.toml [batching] has unknown keys {unknown}; known: {sorted(known)}"
+        )
+    try:
+        return replace(base, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{folder}/config.toml [batching]: {exc}") from exc

@@ -1,0 +1,170 @@
+"""The batching loop, proven against a fake engine (no model, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tinyserve.batcher import BatchConfig, Batcher
+from tinyserve.errors import InferenceTimeout, ModelError, ModelNotReady, Overloaded
+
+
+class FakeEngine:
+    """Returns each image's first pixel as its logits row, and records batch sizes."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.sizes: list[int] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(batch))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        return batch.reshape(len(batch), -1)[:, :2].astype(np.float32)
+
+
+def image(value: int) -> np.ndarray:
+    return np.full((2, 2, 1), value, dtype=np.uint8)
+
+
+async def run(batcher: Batcher, values: list[int]) -> list[float]:
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(image(v)) for v in values))
+    finally:
+        await batcher.close()
+    return [float(row[0]) for row, _ in results]
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
+    engine = FakeEngine(delay=0.01)
+    batcher = Batcher(engine, BatchConfig(max_batch_size=8))
+    values = list(range(40))
+    assert asyncio.run(run(batcher, values)) == values
+    assert max(engine.sizes) == 8 and sum(engine.sizes) == 40
+    assert len(engine.sizes) < 40
+    assert len(engine.threads) == 1  # one inference thread per batcher
+
+
+def test_max_delay_waits_for_a_batch_to_fill() -> None:
+    engine = FakeEngine()
+
+    async def staggered() -> None:
+        batcher = Batcher(engine, BatchConfig(max_batch_size=4, max_delay_ms=200))
+        batcher.start()
+
+        async def late(v: int, after: float) -> None:
+            await asyncio.sleep(after)
+            await batcher.submit(image(v))
+
+        await asyncio.gather(*(late(v, 0.01 * v) for v in range(4)))
+        await batcher.close()
+
+    asyncio.run(staggered())
+    assert engine.sizes == [4]
+
+
+def test_without_delay_a_lone_request_runs_at_once() -> None:
+    engine = FakeEngine()
+    batcher = Batcher(engine, BatchConfig(max_delay_ms=0))
+    started = time.perf_counter()
+    asyncio.run(run(batcher, [7]))
+    assert engine.sizes == [1]
+    assert time.perf_counter() - started < 1.0
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    async def scenario() -> list[object]:
+        batcher = Batcher(FakeEngine(delay=0.05), BatchConfig(max_batch_size=1, max_queue=2))
+        batcher.start()
+        results = await asyncio.gather(
+            *(batcher.submit(image(v)) for v in range(6)), return_exceptions=True
+        )
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert refused and all("retry" in str(r) for r in refused)
+    assert sum(isinstance(r, tuple) for r in results) >= 2
+
+
+def test_timeout_and_callers_that_leave_are_skipped() -> None:
+    engine = FakeEngine(delay=0.2)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, BatchConfig(max_batch_size=1, timeout_s=0.05))
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(image(1)))  # runs, but too slowly
+        gone = asyncio.create_task(batcher.submit(image(2)))  # its caller will leave
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        with pytest.raises(InferenceTimeout):
+            await first
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert engine.sizes == [1]  # the cancelled request never reached the engine
+
+
+def test_a_failing_batch_fails_only_its_requests() -> None:
+    calls = []
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return np.zeros((len(batch), 2), dtype=np.float32)
+
+    async def scenario() -> tuple[object, object]:
+        batcher = Batcher(flaky, BatchConfig(max_batch_size=1))
+        batcher.start()
+        first = await asyncio.gather(batcher.submit(image(1)), return_exceptions=True)
+        second = await batcher.submit(image(2))
+        await batcher.close()
+        return first[0], second
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, RuntimeError)
+    assert isinstance(second, tuple)
+
+
+def test_output_rows_must_match_inputs() -> None:
+    async def scenario() -> None:
+        batcher = Batcher(lambda b: np.zeros((1, 2), np.float32), BatchConfig(max_delay_ms=50))
+        batcher.start()
+        with pytest.raises(ModelError, match="returned 1 outputs for a batch of 3"):
+            await asyncio.gather(*(batcher.submit(image(v)) for v in range(3)))
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_drains_then_refuses() -> None:
+    engine = FakeEngine(delay=0.02)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, BatchConfig(max_batch_size=2))
+        batcher.start()
+        pending = [asyncio.create_task(batcher.submit(image(v))) for v in range(6)]
+        await asyncio.sleep(0)
+        await batcher.close(drain_timeout=5)
+        assert all(task.done() and not task.exception() for task in pending)
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(image(9))
+
+    asyncio.run(scenario())
+    assert sum(engine.sizes) == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_batch_size": 0}, {"max_delay_ms": -1}, {"max_queue": 0}, {"timeout_s": 0}]
+)
+def test_config_validation(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        BatchConfig(**kwargs)  # type: ignore[arg-type]
