@@ -152,3 +152,24 @@ def test_a_batch_size_baked_into_the_graph_is_reported(
     )
     with pytest.raises(ModelError, match="fails on a batch of 4.*dynamic batch axis"):
         import_onnx(config)
+
+
+def test_the_server_answers_like_predict(lite0: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from tinyserve.app import ServerConfig, create_app
+
+    local = predict_files(str(lite0), [PHOTOS], top_k=5)
+    expected = {Path(i["image"]).name: [p["label"] for p in i["predictions"]] for i in local}
+    config = ServerConfig(repo=lite0.parent, default_model="efficientnet-lite0")
+    with TestClient(create_app(config)) as client:
+        for photo, truth in TRUE_CLASSES.items():
+            response = client.post(
+                "/v1/models/efficientnet-lite0/predict?top_k=5",
+                content=(PHOTOS / photo).read_bytes(),
+                headers={"content-type": "application/octet-stream"},
+            )
+            assert response.status_code == 200, response.text
+            labels = [p["label"] for p in response.json()["predictions"]]
+            assert labels == expected[photo]
+            assert truth & set(labels), f"{photo}: {labels}"
