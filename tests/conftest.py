@@ -11,6 +11,8 @@ from PIL import Image
 
 from tinyserve.datasets import FASHION_MNIST_DIR
 
+pytest_plugins = ["s3_endpoint"]  # the s3 / s3_endpoint fixtures (moto on loopback)
+
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = ROOT / "models" / "fashion-cnn"
 SAMPLES = ROOT / "samples" / "fashion"

@@ -360,8 +360,19 @@ def predict(
 @app.command()
 def serve(
     repo: Annotated[
-        Path, typer.Option(help="Model repository folder.", envvar="TINYSERVE_REPO")
-    ] = Path("models"),
+        str,
+        typer.Option(
+            help="Model repository: a folder, or s3://BUCKET/PREFIX synced into --cache-dir.",
+            envvar="TINYSERVE_REPO",
+        ),
+    ] = "models",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local cache for an s3:// repository [default: <tmp>/tinyserve-cache].",
+            envvar="TINYSERVE_CACHE_DIR",
+        ),
+    ] = None,
     host: Annotated[
         str,
         typer.Option(help="Address to bind; 0.0.0.0 exposes the server.", envvar="TINYSERVE_HOST"),
@@ -446,10 +457,12 @@ def serve(
     from tinyserve.batcher import BatchConfig
     from tinyserve.engine import EngineConfig
     from tinyserve.imaging import ImageLimits
+    from tinyserve.sources import is_remote, materialize
 
+    local_repo = materialize(repo, cache_dir) if is_remote(repo) else Path(repo)
     config = _config(
         ServerConfig,
-        repo=repo,
+        repo=local_repo,
         default_model=default_model,
         engine=_config(EngineConfig, intra_op_threads=threads),
         batching=_config(
@@ -469,7 +482,7 @@ def serve(
         drain_timeout_s=drain_timeout,
         access_log=access_log,
     )
-    if not repo.is_dir():
+    if not local_repo.is_dir():
         raise ConfigError(f"model repository {repo} does not exist")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op
