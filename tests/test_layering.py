@@ -24,6 +24,7 @@ SERVING_MODULES = [
     "tinyserve.registry",
     "tinyserve.openapi",
     "tinyserve.app",
+    "tinyserve.v2",
     "tinyserve.onnx_import",
     "tinyserve.cli",
     "tinyserve.bench.stats",

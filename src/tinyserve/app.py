@@ -55,6 +55,7 @@ from tinyserve.manifest import InputSpec
 from tinyserve.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from tinyserve.openapi import OPENAPI, SWAGGER_HTML
 from tinyserve.registry import LoadedModel, ModelRegistry
+from tinyserve.v2 import v2_routes
 
 log = logging.getLogger("tinyserve")
 access_log = logging.getLogger("tinyserve.access")
@@ -507,6 +508,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         get("/openapi.json", openapi),
         get("/docs", docs),
     ]
+    routes += v2_routes(server)
     if config.admin_token is not None:
         routes += [
             post("/admin/models/{model}/reload", reload, counted=False),

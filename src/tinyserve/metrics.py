@@ -10,13 +10,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["PROMETHEUS_CONTENT_TYPE", "Metrics"]
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "InferenceStats", "Metrics"]
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -24,6 +25,24 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STAGES = ("decode", "queue", "inference", "total")
+
+
+@dataclass
+class InferenceStats:
+    """What one model version's batcher has run, for the V2 statistics (times in ns).
+
+    ``queue_ns`` and ``compute_infer_ns`` sum over images: each image waited its own time and
+    spent its batch's inference time. ``batches`` maps a batch size to ``[count, ns]``.
+    """
+
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    queue_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_count: int = 0
+    compute_output_ns: int = 0
+    batches: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Metrics:
@@ -83,6 +102,7 @@ class Metrics:
         self._failed = 0
         self._latency_sum = 0.0
         self._per_model: dict[str, list[float]] = {}
+        self._versions: dict[tuple[str, str], InferenceStats] = {}
 
     def observe_request(self, route: str, status: int, seconds: float, model: str | None) -> None:
         """Record one finished prediction request (health and metrics scrapes are not counted)."""
@@ -95,10 +115,11 @@ class Metrics:
             if status >= 400:
                 self._failed += 1
             if model is not None:
-                counts = self._per_model.setdefault(model, [0, 0, 0.0])
+                counts = self._per_model.setdefault(model, [0, 0, 0.0, 0.0])
                 counts[0] += 1
                 counts[1] += status >= 400
                 counts[2] += seconds
+                counts[3] += seconds if status >= 400 else 0.0
 
     def count_request(self, route: str, status: int) -> None:
         """Count a request that is not a prediction (health, metadata...)."""
@@ -112,14 +133,62 @@ class Metrics:
         stage.labels(model, "inference").observe(inference)
         stage.labels(model, "total").observe(total)
 
-    def batch_observer(self, model: str) -> Any:
-        """A callback for ``Batcher(observer=...)`` that records batch sizes."""
+    def batch_observer(self, model: str, version: int | None = None) -> Any:
+        """A callback for ``Batcher(observer=...)`` that records batch sizes (and, given a
+        version, that version's ``InferenceStats``)."""
         histogram = self.batch_size.labels(model)
+        key = (model, str(version))
 
         def observe(size: int, waits: Sequence[float], inference: float) -> None:
             histogram.observe(size)
+            if version is None:
+                return
+            ns = round(inference * 1e9)
+            with self._lock:
+                stats = self._versions.setdefault(key, InferenceStats())
+                stats.inference_count += size
+                stats.execution_count += 1
+                stats.last_inference_ms = int(time.time() * 1000)
+                stats.queue_ns += round(sum(waits) * 1e9)
+                stats.compute_infer_ns += ns * size
+                bucket = stats.batches.setdefault(size, [0, 0])
+                bucket[0] += 1
+                bucket[1] += ns
 
         return observe
+
+    def observe_output(self, model: str, version: int, seconds: float) -> None:
+        """Time one V2 request spent turning logits into its outputs."""
+        with self._lock:
+            stats = self._versions.setdefault((model, str(version)), InferenceStats())
+            stats.compute_output_count += 1
+            stats.compute_output_ns += round(seconds * 1e9)
+
+    def inference_stats(self, model: str, version: int) -> InferenceStats:
+        """A copy of one version's counters (zeros before its first batch)."""
+        with self._lock:
+            stats = self._versions.get((model, str(version)), InferenceStats())
+            return replace(stats, batches={k: list(v) for k, v in stats.batches.items()})
+
+    def request_totals(self, model: str) -> tuple[int, int, float, float]:
+        """Requests to ``model`` (all routes and versions): total, failed, and the seconds
+        spent in successful and in failed ones."""
+        with self._lock:
+            n, bad, seconds, bad_seconds = self._per_model.get(model, [0, 0, 0.0, 0.0])
+        return int(n), int(bad), seconds - bad_seconds, bad_seconds
+
+    def stage_totals(self, model: str, stage: str) -> tuple[int, float]:
+        """Count and summed seconds of one ``tinyserve_stage_seconds`` series."""
+        count, total = 0, 0.0
+        for family in self.stage_seconds.collect():
+            for sample in family.samples:
+                if sample.labels.get("model") != model or sample.labels.get("stage") != stage:
+                    continue
+                if sample.name.endswith("_count"):
+                    count = int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+        return count, total
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -154,6 +223,6 @@ class Metrics:
                     "failed_requests": int(bad),
                     "average_latency_ms": round(1000 * s / n, 3) if n else 0.0,
                 }
-                for name, (n, bad, s) in per_model.items()
+                for name, (n, bad, s, _) in per_model.items()
             },
         }

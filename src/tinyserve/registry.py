@@ -221,7 +221,8 @@ class ModelRegistry:
         path = version_path(self.repo / name, version)
         engine = await asyncio.to_thread(Engine, path, self.engine_config)
         label = f"{name}:{version}"
-        batcher = Batcher(engine.infer, batching, label, self.metrics.batch_observer(name))
+        observer = self.metrics.batch_observer(name, version)
+        batcher = Batcher(engine.infer, batching, label, observer)
         batcher.start()
         # Warm the inference thread itself: the first run on a new thread is slow.
         await batcher.warmup(np.zeros(engine.manifest.input.shape, dtype=np.uint8))
