@@ -22,6 +22,7 @@ from conftest import BUNDLED_MODEL, SAMPLES
 from test_server import TOKEN as SERVER_TOKEN
 from test_server import Server, _batch_sizes
 from tinyserve.app import ServerConfig, create_app
+from tinyserve.bench.client import Target, encode_body, image_request
 from tinyserve.imaging import load_image
 from tinyserve.manifest import InputSpec
 
@@ -333,6 +334,24 @@ def test_binary_header_length_is_checked_exactly(client: TestClient) -> None:
         INFER, content=body, headers={"Inference-Header-Content-Length": str(n - 1)}
     )
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+
+
+def test_bench_v2_body_is_a_valid_request(client: TestClient) -> None:
+    body, content_type = encode_body(PNGS[0].read_bytes(), PNGS[0].name, "v2")
+    request = image_request(Target("127.0.0.1", 1, INFER), PNGS[0], "v2")
+    head, _, sent = request.partition(b"\r\n\r\n")
+    assert sent == body
+    length = next(
+        line.split(b": ")[1] for line in head.split(b"\r\n") if line.startswith(b"Inference-")
+    )
+    response = client.post(
+        INFER,
+        content=body,
+        headers={"Content-Type": content_type, "Inference-Header-Content-Length": length.decode()},
+    )
+    assert response.status_code == 200, response.text
+    (out,) = response.json()["outputs"]
+    assert out["shape"] == [1, 5] and out["data"][0].endswith(":Ankle boot")
 
 
 # -- statistics and repository ----------------------------------------------------------------

@@ -905,9 +905,16 @@ def bench_http(
         ),
     ],
     image: Annotated[Path, typer.Option(help="The image every request sends.")],
-    body: Annotated[str, typer.Option(help="raw (image bytes), multipart or json (base64).")] = (
-        "raw"
-    ),
+    body: Annotated[
+        str, typer.Option(help="raw (image bytes), multipart, json (base64) or v2.")
+    ] = "raw",
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="rest, or v2: Open Inference Protocol requests (binary BYTES tensor) to a "
+            "/v2/models/NAME/infer URL."
+        ),
+    ] = "rest",
     concurrency: Annotated[
         str | None,
         typer.Option(help="Closed-loop steps: connections (1,8,32,64 if no --rate is given)."),
@@ -941,6 +948,10 @@ def bench_http(
     from tinyserve.bench.noop import noop_server
     from tinyserve.bench.report import client_warnings, load_table, wide_console, write_html
 
+    if protocol not in ("rest", "v2"):
+        raise ConfigError(f"--protocol must be rest or v2, got {protocol!r}")
+    if protocol == "v2":
+        body = "v2"
     rates = _bench_numbers(rate, "--rate", float) if rate else ()
     steps = _bench_numbers(concurrency, "--concurrency", int) if concurrency else ()
     if not concurrency and not rates:

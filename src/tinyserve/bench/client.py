@@ -12,6 +12,8 @@ import base64
 import ipaddress
 import mimetypes
 import secrets
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +22,7 @@ import orjson
 
 from tinyserve.errors import ConfigError
 
-BODY_KINDS = ("raw", "multipart", "json")
+BODY_KINDS = ("raw", "multipart", "json", "v2")
 _MAX_HEAD = 64 * 1024
 
 
@@ -84,7 +86,8 @@ def encode_body(image: bytes, filename: str, kind: str) -> tuple[bytes, str]:
     """The request body and its content type for one image sent as ``kind``.
 
     ``raw``: the image bytes with their ``image/*`` type; ``multipart``: form field ``file``;
-    ``json``: ``{"image": "<base64>"}``.
+    ``json``: ``{"image": "<base64>"}``; ``v2``: an Open Inference Protocol request with the
+    image as a one-element BYTES tensor (binary tensor extension) asking for the top 5.
     """
     if kind == "raw":
         return image, mimetypes.guess_type(filename)[0] or "application/octet-stream"
@@ -101,11 +104,30 @@ def encode_body(image: bytes, filename: str, kind: str) -> tuple[bytes, str]:
         return body, f"multipart/form-data; boundary={boundary}"
     if kind == "json":
         return orjson.dumps({"image": base64.b64encode(image).decode()}), "application/json"
+    if kind == "v2":
+        element = struct.pack("<I", len(image)) + image
+        return v2_header(len(element)) + element, "application/octet-stream"
     raise ConfigError(f"body kind must be one of {', '.join(BODY_KINDS)}, got {kind!r}")
 
 
+def v2_header(binary_size: int) -> bytes:
+    """The JSON header of a ``v2`` body whose BYTES tensor takes ``binary_size`` bytes."""
+    tensor = {"name": "image", "shape": [1], "datatype": "BYTES"}
+    output = {"name": "probabilities", "parameters": {"classification": 5}}
+    return orjson.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": binary_size}}],
+            "outputs": [output],
+        }
+    )
+
+
 def build_request(
-    target: Target, method: str = "GET", body: bytes = b"", content_type: str | None = None
+    target: Target,
+    method: str = "GET",
+    body: bytes = b"",
+    content_type: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> bytes:
     """One complete HTTP/1.1 keep-alive request, ready to write as is."""
     lines = [
@@ -116,6 +138,7 @@ def build_request(
     ]
     if content_type:
         lines.append(f"Content-Type: {content_type}")
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
@@ -128,7 +151,10 @@ def image_request(target: Target, image_path: Path, kind: str) -> bytes:
     except OSError as exc:
         raise ConfigError(f"cannot read image {image_path}: {exc.strerror or exc}") from exc
     body, content_type = encode_body(image, image_path.name, kind)
-    return build_request(target, "POST", body, content_type)
+    headers = None
+    if kind == "v2":  # the binary tensor extension: where the JSON header ends
+        headers = {"Inference-Header-Content-Length": str(len(v2_header(len(image) + 4)))}
+    return build_request(target, "POST", body, content_type, headers)
 
 
 class ProtocolError(Exception):
