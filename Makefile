@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install data run test lint typecheck pytest format bench clean
+.PHONY: help install data run test lint typecheck pytest format bench-compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,6 +41,10 @@ pytest: $(STAMP)
 format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests scripts
 	$(BIN)/ruff format src tests scripts
+
+bench-compare: install  ## tinyserve vs FastAPI, LitServe and bare ONNX Runtime (about 25 minutes)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python benchmarks/compare_servers.py --reps 3 --duration 5 --out runs/compare-servers
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,248 @@
+"""tinyserve against a plain FastAPI app, LitServe and bare ONNX Runtime, on loopback.
+
+Same model file, same image, same load tool (``tinyserve bench http``) and settings for every
+server; servers run one after another. Two models: the bundled fashion-cnn (HTTP-bound) and a
+ResNet-50-shaped network with random weights (compute-bound, built here, never committed).
+
+    python benchmarks/compare_servers.py --reps 3 --duration 5 --out runs/compare-servers
+
+Writes ``results.json`` and ``results.md`` (figures as medians over the repetitions, each also
+as a ratio to tinyserve measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def build_resnet50(out: Path) -> Path:
+    """A ResNet-50-shaped tinyserve model (random weights, 224x224 RGB) in ``out/resnet50``."""
+    path = out / "resnet50" / "1" / "model.onnx"
+    if path.is_file():
+        return out
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from resnet50_int8 import SIZE, resnet50
+
+    from tinyserve.manifest import InputSpec, Manifest, write_manifest
+    from tinyserve.training.export import to_onnx
+    from tinyserve.training.models import ServingModel
+
+    torch.manual_seed(0)
+    spec = InputSpec(SIZE, SIZE, 3, "RGB", resize="crop", crop_fraction=0.875)
+    model = ServingModel(resnet50(2), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).eval()
+    graph = to_onnx(model, spec)
+    write_manifest(graph, Manifest(("a", "b"), spec, {"architecture": "resnet50-random"}))
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(graph, str(path))
+    return out
+
+
+@contextmanager
+def running(
+    cmd: list[str], env: dict[str, str], probe: str, body: dict[str, Any]
+) -> Iterator[None]:
+    """Start a server, wait until ``probe`` answers 200 to ``body``, stop it afterwards."""
+    log = open(os.devnull, "w")  # closed in the finally block below
+    process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{cmd} exited with {process.returncode}")
+            try:
+                if httpx.post(probe, timeout=5, **body).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd} did not answer in 120 s")
+            time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def load(url: str, image: Path, body: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    cmd = [
+        PY, "-m", "tinyserve", "bench", "http", url, "--image", str(image), "--body", body,
+        "--concurrency", args.concurrency, "--warmup", str(args.warmup),
+        "--duration", str(args.duration), "--json", "--no-metrics",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    return list(json.loads(out.stdout)["steps"])
+
+
+def bare_ort(model_dir: Path, batch_sizes: str, seconds: float) -> list[dict[str, Any]]:
+    cmd = [
+        PY, "-m", "tinyserve", "bench", "model", str(model_dir), "--batch-sizes", batch_sizes,
+        "--threads", "2", "--seconds", str(seconds), "--json",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    return list(json.loads(out.stdout)["results"])
+
+
+def servers(repo: Path, name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    model = str(repo / name / "1" / "model.onnx")
+    threads = {"THREADS": "2"}
+    tiny = [PY, "-m", "tinyserve", "serve", "--repo", str(repo), "--log-level", "warning",
+            "--max-batch-size", str(args.max_batch_size)]  # fmt: skip
+    return [
+        {"name": "tinyserve", "body": "multipart", "path": "/infer", "cmd": tiny, "env": {}},
+        {"name": "tinyserve (json)", "body": "json", "path": "/predict", "cmd": tiny, "env": {}},
+        {
+            "name": "fastapi",
+            "body": "multipart",
+            "path": "/infer",
+            "cmd": [
+                PY,
+                "-m",
+                "uvicorn",
+                "benchmarks.alternatives.fastapi_app:app",
+                "--log-level",
+                "warning",
+                "--workers",
+                "1",
+            ],  # fmt: skip
+            "env": {"MODEL": model, **threads},
+        },
+        {
+            "name": "litserve",
+            "body": "json",
+            "path": "/predict",
+            "cmd": [PY, "benchmarks/alternatives/litserve_app.py"],
+            "env": {"MODEL": model, "MAX_BATCH_SIZE": str(args.max_batch_size), **threads},
+        },
+    ]
+
+
+def probe_body(kind: str, image: Path) -> dict[str, Any]:
+    data = image.read_bytes()
+    if kind == "multipart":
+        return {"files": {"file": (image.name, data, "application/octet-stream")}}
+    import base64
+
+    return {"json": {"image": base64.b64encode(data).decode()}}
+
+
+def run_model(name: str, repo: Path, image: Path, args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"model": name, "image": str(image), "servers": {}}
+    for server in servers(repo, name, args):
+        port = free_port()
+        cmd = list(server["cmd"])
+        if server["name"].startswith("tinyserve"):
+            cmd += ["--port", str(port)]
+        elif server["name"] == "fastapi":
+            cmd += ["--port", str(port)]
+        else:
+            cmd += [str(port)]
+        url = f"http://127.0.0.1:{port}{server['path']}"
+        reps = []
+        print(f"[{name}] {server['name']} ...", flush=True)
+        with running(cmd, server["env"], url, probe_body(server["body"], image)):
+            for _ in range(args.reps):
+                reps.append(load(url, image, server["body"], args))
+        results["servers"][server["name"]] = {"body": server["body"], "reps": reps}
+    results["bare_ort"] = bare_ort(repo / name, "1,8,32,64", max(2.0, args.duration / 2))
+    return results
+
+
+def medians(reps: list[list[dict[str, Any]]]) -> dict[int, dict[str, float]]:
+    table: dict[int, dict[str, float]] = {}
+    for i, step in enumerate(reps[0]):
+        c = int(step["concurrency"])
+        rows = [rep[i] for rep in reps]
+        table[c] = {
+            "rps": statistics.median(r["ok_rps"] for r in rows),
+            "p50": statistics.median(r["latency_ms"]["p50"] for r in rows),
+            "p99": statistics.median(r["latency_ms"]["p99"] for r in rows),
+            "errors": sum(r["requests"] - r["ok"] for r in rows),
+        }
+    return table
+
+
+def markdown(all_results: list[dict[str, Any]]) -> str:
+    lines = []
+    for result in all_results:
+        lines.append(f"### {result['model']} ({Path(result['image']).name})\n")
+        lines.append(
+            "| server | body | c | requests/s | × tinyserve | p50 ms | p99 ms | errors |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|"
+        )
+        base = medians(result["servers"]["tinyserve"]["reps"])
+        for name, data in result["servers"].items():
+            for c, row in medians(data["reps"]).items():
+                ratio = row["rps"] / base[c]["rps"] if base[c]["rps"] else 0.0
+                lines.append(
+                    f"| {name} | {data['body']} | {c} | {row['rps']:,.0f} | {ratio:.2f} | "
+                    f"{row['p50']:.2f} | {row['p99']:.2f} | {row['errors']} |"
+                )
+        lines.append("\nBare ONNX Runtime on the same model (2 threads, no HTTP):\n")
+        lines.append("| batch | images/s | p50 ms per batch |\n|---:|---:|---:|")
+        for row in result["bare_ort"]:
+            lines.append(
+                f"| {row['batch_size']} | {row['throughput_ips']:,.0f} | "
+                f"{row['latency_ms']['p50']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/compare-servers"))
+    parser.add_argument("--models", default="fashion-cnn,resnet50")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.models.split(","):
+        if name == "fashion-cnn":
+            repo, image = ROOT / "models", ROOT / "samples/fashion/0000_ankle-boot.png"
+        elif name == "resnet50":
+            repo, image = build_resnet50(args.out / "repo"), ROOT / "samples/photos/cat.png"
+        else:
+            raise SystemExit(f"unknown model {name!r}: fashion-cnn or resnet50")
+        results.append(run_model(name, repo, image, args))
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    (args.out / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
