@@ -25,6 +25,8 @@ SERVING_MODULES = [
     "tinyserve.openapi",
     "tinyserve.app",
     "tinyserve.v2",
+    "tinyserve.sources",
+    "tinyserve.serverless",
     "tinyserve.onnx_import",
     "tinyserve.cli",
     "tinyserve.bench.stats",

@@ -1,0 +1,264 @@
+"""An AWS Lambda handler on the engine: ``tinyserve.serverless.handler``.
+
+It answers API Gateway REST (v1 proxy) and HTTP API (v2) events, Lambda function URLs, and
+direct invocations whose event is the JSON body itself. The body is image bytes (raw or
+base64 with ``isBase64Encoded``) or JSON ``{"image": "<base64>", "top_k": 5}``; ``top_k``
+may also come from the query string. The model is fetched and loaded once per container, on
+the first call; later calls reuse it. Configuration comes from the environment:
+
+    TINYSERVE_MODEL_URI     s3://bucket/prefix/<name> or a local model folder (required)
+    TINYSERVE_MODEL_VERSION version to serve [default: pinned in config.toml, else highest]
+    TINYSERVE_CACHE_DIR     where S3 objects are cached [default: <tmp>/tinyserve-cache]
+    TINYSERVE_TOP_K         predictions returned by default [5]
+    TINYSERVE_THREADS       ONNX Runtime intra-op threads [0 = every available core]
+    TINYSERVE_MAX_IMAGE_MB, TINYSERVE_MAX_PIXELS   image limits, as for ``tinyserve serve``
+
+The model comes only from this configuration: nothing in an event can make it fetch a URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinyserve.engine import Engine, EngineConfig, softmax, top_predictions
+from tinyserve.errors import (
+    ConfigError,
+    ImageDecodeError,
+    InvalidParameter,
+    ModelError,
+    TinyServeError,
+)
+from tinyserve.imaging import ImageLimits, decode_image
+from tinyserve.repository import ModelRef, resolve
+from tinyserve.sources import default_cache_dir, forget, is_remote, materialize
+
+log = logging.getLogger("tinyserve")
+
+Event = Mapping[str, Any]
+Response = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """What the handler serves and how; ``from_env`` reads it from TINYSERVE_* variables."""
+
+    model_uri: str
+    version: int | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    default_top_k: int = 5
+    threads: int = 0
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        if not self.model_uri:
+            raise ValueError("TINYSERVE_MODEL_URI must name an s3:// prefix or a model folder")
+        if self.version is not None and self.version < 1:
+            raise ValueError(f"the version must be a positive integer, got {self.version}")
+        if self.default_top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.default_top_k}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> HandlerConfig:
+        def number(name: str, kind: type[int] | type[float], default: float) -> Any:
+            raw = environ.get(name)
+            try:
+                return kind(raw) if raw else default
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+        try:
+            return cls(
+                model_uri=environ.get("TINYSERVE_MODEL_URI", ""),
+                version=number("TINYSERVE_MODEL_VERSION", int, 0) or None,
+                cache_dir=default_cache_dir(),
+                default_top_k=number("TINYSERVE_TOP_K", int, 5),
+                threads=number("TINYSERVE_THREADS", int, 0),
+                limits=ImageLimits(
+                    max_bytes=int(number("TINYSERVE_MAX_IMAGE_MB", float, 20.0) * 1024 * 1024),
+                    max_pixels=number("TINYSERVE_MAX_PIXELS", int, 40_000_000),
+                ),
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass
+class _Model:
+    ref: ModelRef
+    engine: Engine
+    load_seconds: float
+    config: HandlerConfig
+
+
+_model: _Model | None = None  # one per container, built by the first call
+
+
+def reset() -> None:
+    """Forget the loaded model, so the next call starts cold (tests, benchmarks)."""
+    global _model
+    _model = None
+
+
+def load(config: HandlerConfig) -> _Model:
+    """Fetch the model (S3 into the cache, or a local folder) and build its engine."""
+    started = time.perf_counter()
+    folder = materialize(config.model_uri, config.cache_dir)
+    ref = resolve(folder, config.version)
+    try:
+        engine = Engine(ref.path, EngineConfig(intra_op_threads=config.threads, warmup_runs=1))
+    except ModelError:
+        if is_remote(config.model_uri):
+            forget(ref.path)  # an unusable download must not be reused by the next start
+        raise
+    return _Model(ref, engine, time.perf_counter() - started, config)
+
+
+def handler(event: Event, context: object = None) -> Response:
+    """The Lambda entry point: one image in, the same prediction fields as the HTTP API out."""
+    global _model
+    started = time.perf_counter()
+    try:
+        cold = _model is None
+        if _model is None:
+            _model = load(HandlerConfig.from_env())
+        model = _model
+        if _method(event) == "GET":
+            return _response(200, _describe(model, cold))
+        data, top_k = _parse(event, model)
+        t0 = time.perf_counter()
+        pixels = decode_image(data, model.engine.manifest.input, model.config.limits)
+        t1 = time.perf_counter()
+        logits = model.engine.infer(pixels[None])
+        ranked = top_predictions(softmax(logits), model.engine.labels, top_k)[0]
+        t2 = time.perf_counter()
+    except TinyServeError as exc:
+        return _error(exc)
+    except Exception as exc:  # a bug: answer 500 and log it rather than crash the container
+        log.exception("unhandled error in the serverless handler")
+        return _error(ModelError(f"internal error: {type(exc).__name__}"))
+    best = ranked[0]
+    body = {
+        "model": model.ref.name,
+        "version": model.ref.version,
+        "label": best.label,
+        "class_id": best.class_id,
+        "confidence": best.confidence,
+        "predictions": [
+            {"label": p.label, "class_id": p.class_id, "confidence": p.confidence} for p in ranked
+        ],
+        "timings": {
+            "model_load_s": round(model.load_seconds if cold else 0.0, 6),
+            "preprocess_s": round(t1 - t0, 6),
+            "inference_s": round(t2 - t1, 6),
+            "total_s": round(time.perf_counter() - started, 6),
+        },
+        "cold_start": cold,
+    }
+    return _response(200, body)
+
+
+def _describe(model: _Model, cold: bool) -> dict[str, Any]:
+    return {
+        "status": "ok",
+        "model": model.ref.name,
+        "version": model.ref.version,
+        "labels": list(model.engine.labels),
+        "timings": {"model_load_s": round(model.load_seconds if cold else 0.0, 6)},
+        "cold_start": cold,
+    }
+
+
+def _method(event: Event) -> str:
+    http = event.get("requestContext", {}).get("http", {})  # HTTP API v2, function URLs
+    method = event.get("httpMethod") or (http.get("method") if isinstance(http, dict) else None)
+    return str(method or "POST").upper()
+
+
+def _parse(event: Event, model: _Model) -> tuple[bytes, int]:
+    """Image bytes and top_k from an API Gateway / function URL event or a direct invocation."""
+    payload: Any = None
+    if "body" not in event and "image" in event:  # direct invocation: the event is the JSON
+        payload = event
+    else:
+        raw = _body(event)
+        headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media == "application/json" or media.endswith("+json") or raw[:1] == b"{":
+            try:
+                payload = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidParameter(f"the body is not valid JSON: {exc}") from None
+            if not isinstance(payload, dict):
+                raise InvalidParameter("the JSON body must be an object")
+        data = raw
+    top_k: object = None
+    if payload is not None:
+        if "image" not in payload:
+            raise InvalidParameter("the JSON body needs an 'image' field holding base64 bytes")
+        data = _b64(payload["image"], "'image'")
+        top_k = payload.get("top_k")
+    query = event.get("queryStringParameters") or {}
+    if query.get("top_k") is not None:
+        top_k = query["top_k"]
+    return data, _top_k(top_k, model)
+
+
+def _body(event: Event) -> bytes:
+    body = event.get("body")
+    if body is None or body == "":
+        raise ImageDecodeError("the request has no body; send image bytes or JSON with 'image'")
+    if event.get("isBase64Encoded"):
+        return _b64(body, "the base64-encoded body")
+    return body.encode() if isinstance(body, str) else bytes(body)
+
+
+def _b64(value: object, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidParameter(f"{where} must be a base64 string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]  # a data URL: data:image/png;base64,....
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError(f"{where} is not valid base64") from None
+
+
+def _top_k(raw: object, model: _Model) -> int:
+    classes = model.engine.manifest.num_classes
+    if raw is None:
+        return min(model.config.default_top_k, classes)
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise InvalidParameter(f"top_k must be an integer, got {raw!r}")
+    try:
+        top_k = int(raw)
+    except ValueError:
+        raise InvalidParameter(f"top_k must be an integer, got {raw!r}") from None
+    if not 1 <= top_k <= classes:
+        raise InvalidParameter(f"top_k must be between 1 and {classes}, got {top_k}")
+    return top_k
+
+
+def _error(exc: TinyServeError) -> Response:
+    # Imported here: the HTTP app (Starlette, Prometheus) is not needed on the success path
+    # and would add a tenth of a second to every cold start.
+    from tinyserve.app import status_for
+
+    return _response(status_for(exc), {"error": {"code": exc.code, "message": exc.message}})
+
+
+def _response(status: int, body: dict[str, Any]) -> Response:
+    return {
+        "statusCode": status,
+        "headers": {"Content-Type": "application/json"},
+        "isBase64Encoded": False,
+        "body": json.dumps(body),
+    }
