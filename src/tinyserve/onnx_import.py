@@ -29,7 +29,7 @@ from tinyserve.errors import ConfigError, ModelError
 from tinyserve.imaging import Pixels, load_image
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
 from tinyserve.predict import expand_images
-from tinyserve.repository import next_version, validate_name, version_path
+from tinyserve.repository import save_version, validate_name
 
 LAYOUTS = ("nchw", "nhwc")
 INPUT_NAME = "pixels"
@@ -129,12 +129,8 @@ def import_onnx(config: OnnxImportConfig) -> ImportResult:
     write_manifest(combined, manifest.with_source(verification=verification))
 
     model_dir = config.repo / config.name
-    version = config.version or next_version(model_dir)
-    path = version_path(model_dir, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".onnx.tmp")
-    onnx.save(combined, str(partial))
-    partial.replace(path)
+    saved = save_version(model_dir, combined, config.version)
+    path, version = saved.path, saved.version
     report = {
         "model": config.name,
         "version": version,

@@ -32,7 +32,7 @@ from tinyserve.errors import ConfigError, DatasetError, ModelError
 from tinyserve.evaluate import evaluation_set, predict_classes
 from tinyserve.imaging import Pixels
 from tinyserve.manifest import Manifest, read_manifest, write_manifest
-from tinyserve.repository import ModelRef, next_version, resolve, version_path
+from tinyserve.repository import ModelRef, next_version, resolve, save_version
 
 MODES = ("dynamic", "static", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -331,12 +331,7 @@ def _write_version(
     source = {k: v for k, v in manifest.source.items() if k != "parity"}
     source.update(parent_version=parent.version, optimization=lineage)
     write_manifest(model, Manifest(manifest.labels, manifest.input, source))
-    path = version_path(model_dir, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".onnx.tmp")
-    onnx.save(model, str(tmp_path))
-    tmp_path.replace(path)
-    return path
+    return save_version(model_dir, model, version).path
 
 
 def _to_fp16(prepared: Path, target: Path, keep_float: list[str]) -> None:

@@ -101,6 +101,20 @@ def version_path(model_dir: Path, version: int) -> Path:
     return model_dir / str(version) / MODEL_FILE
 
 
+def save_version(model_dir: Path, model: Any, version: int | None = None) -> ModelRef:
+    """Write an ``onnx.ModelProto`` as ``model_dir/<version>/model.onnx`` (next free version by
+    default), through a temporary file so a reader never sees half a model."""
+    import onnx
+
+    version = version or next_version(model_dir)
+    path = version_path(model_dir, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".onnx.tmp")
+    onnx.save(model, str(partial))
+    partial.replace(path)
+    return ModelRef(model_dir.name, version, path)
+
+
 def resolve(target: str | Path, version: int | None = None) -> ModelRef:
     """Find a model file from a model folder, a ``folder:VERSION`` string or an .onnx path.
 

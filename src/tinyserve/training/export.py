@@ -30,7 +30,7 @@ from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import CheckpointError, ConfigError, ModelError
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
 from tinyserve.onnx_import import verification_pixels
-from tinyserve.repository import next_version, validate_name, version_path
+from tinyserve.repository import save_version, validate_name
 from tinyserve.training.models import ServingModel, create_model
 from tinyserve.training.train import build_from_checkpoint, load_checkpoint
 
@@ -261,12 +261,8 @@ def export_model(
     manifest = manifest.with_source(parity=parity)
     write_manifest(onnx_model, manifest)
     model_dir = config.repo / config.name
-    version = config.version or next_version(model_dir)
-    path = version_path(model_dir, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".onnx.tmp")
-    onnx.save(onnx_model, str(tmp_path))
-    tmp_path.replace(path)
+    saved = save_version(model_dir, onnx_model, config.version)
+    path, version = saved.path, saved.version
     report = {
         "model": config.name,
         "version": version,
