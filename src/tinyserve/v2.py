@@ -277,12 +277,7 @@ class _V2:
                 "compute_output": _duration(counts.compute_output_count, counts.compute_output_ns),
             },
             "batch_stats": [
-                {
-                    "batch_size": size,
-                    "compute_input": _duration(n, 0),
-                    "compute_infer": _duration(n, ns),
-                    "compute_output": _duration(n, 0),
-                }
+                {"batch_size": size, "compute_infer": _duration(n, ns)}
                 for size, (n, ns) in sorted(counts.batches.items())
             ],
         }
