@@ -408,6 +408,14 @@ def serve(
             help="ONNX Runtime intra-op threads; 0 = all cores.", envvar="TINYSERVE_THREADS"
         ),
     ] = 0,
+    spin: Annotated[
+        bool,
+        typer.Option(
+            help="Let ONNX Runtime threads spin while idle (lower latency alone, "
+            "less CPU for everything else).",
+            envvar="TINYSERVE_SPIN",
+        ),
+    ] = False,
     decode_threads: Annotated[
         int, typer.Option(help="Threads decoding large images.", envvar="TINYSERVE_DECODE_THREADS")
     ] = 2,
@@ -464,7 +472,7 @@ def serve(
         ServerConfig,
         repo=local_repo,
         default_model=default_model,
-        engine=_config(EngineConfig, intra_op_threads=threads),
+        engine=_config(EngineConfig, intra_op_threads=threads, spin=spin),
         batching=_config(
             BatchConfig,
             max_batch_size=max_batch_size,

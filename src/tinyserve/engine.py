@@ -35,6 +35,9 @@ class EngineConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     warmup_runs: int = 2
     warmup_batch_sizes: tuple[int, ...] = (1,)
+    # ORT's worker threads spin while waiting for work: good for a lone benchmark loop, bad
+    # for a server whose event loop and decoders need the same cores.
+    spin: bool = True
 
     def __post_init__(self) -> None:
         if self.intra_op_threads < 0 or self.inter_op_threads < 1:
@@ -63,6 +66,9 @@ class Engine:
         options.intra_op_num_threads = self.config.intra_op_threads or available_cores()
         options.inter_op_num_threads = self.config.inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if not self.config.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         started = time.perf_counter()
         if not self.path.is_file():
             raise ModelError(f"model file {self.path} does not exist")
