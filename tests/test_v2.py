@@ -228,6 +228,8 @@ MALFORMED: list[tuple[str, Any, dict[str, str] | None, str]] = [
     ("short data", _uint8([1, 28, 28, 1], [0] * 783), None, "needs 784 values"),
     ("model shape", _uint8([1, 28, 28, 3], [0] * 2352), None, "[N, 28, 28, 1]"),
     ("out of range", _uint8([1, 28, 28, 1], [300] * 784), None, "0 to 255"),
+    ("floats", _uint8([1, 28, 28, 1], [0.5] * 784), None, "0 to 255"),
+    ("ragged", _uint8([1, 28, 28, 1], [[0] * 783, [0]]), None, "evenly nested"),
     ("not json", b"{nope", None, "not valid JSON"),
     ("no inputs", {"inputs": []}, None, "exactly one tensor"),
     (
@@ -278,7 +280,7 @@ MALFORMED: list[tuple[str, Any, dict[str, str] | None, str]] = [
             ]
         },
         None,
-        "not a recognised image",
+        "BYTES element 0: the data is not a recognised image",
     ),  # fmt: skip
     (
         "bytes count",

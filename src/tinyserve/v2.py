@@ -295,8 +295,7 @@ class _V2:
         header, binary = _split(body, request.headers.get(HEADER_LENGTH))
         spec = _InferRequest.parse(header, binary, model, self.config.max_batch_images)
         if spec.encoded is not None:
-            pixels = await asyncio.gather(*(self.server.decode(d, model) for d in spec.encoded))
-            rows: list[Pixels] = list(pixels)
+            rows = await self._decode_all(spec.encoded, model)
         else:
             assert spec.pixels is not None
             rows = list(spec.pixels)
@@ -314,6 +313,19 @@ class _V2:
                 model.name, t1 - t0, timing.queue, timing.inference, t3 - t0
             )
         return response
+
+    async def _decode_all(self, images: list[bytes], model: LoadedModel) -> list[Pixels]:
+        decoded = await asyncio.gather(
+            *(self.server.decode(data, model) for data in images), return_exceptions=True
+        )
+        rows: list[Pixels] = []
+        for i, result in enumerate(decoded):
+            if isinstance(result, TinyServeError):
+                raise type(result)(f"BYTES element {i}: {result.message}")
+            if isinstance(result, BaseException):
+                raise result
+            rows.append(result)
+        return rows
 
     # -- repository -----------------------------------------------------------------------
 
@@ -469,12 +481,18 @@ def _pixels(
                 f"shape {shape} needs {size} bytes of UINT8 data, the binary data has {len(raw)}"
             )
         return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-    flat = _flatten(tensor.get("data"))
-    if len(flat) != size:
-        raise InvalidParameter(f"shape {shape} needs {size} values, 'data' holds {len(flat)}")
-    if not all(type(v) is int and 0 <= v <= 255 for v in flat):
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise InvalidParameter("the input 'data' must be a list (flat or nested)")
+    try:
+        values = np.asarray(data)
+    except ValueError:  # ragged nesting
+        raise InvalidParameter("UINT8 'data' must be a flat or evenly nested list") from None
+    if values.size != size:
+        raise InvalidParameter(f"shape {shape} needs {size} values, 'data' holds {values.size}")
+    if values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255:
         raise InvalidParameter("UINT8 'data' must hold whole numbers from 0 to 255")
-    return np.asarray(flat, dtype=np.uint8).reshape(shape)
+    return values.astype(np.uint8).reshape(shape)
 
 
 def _encoded(tensor: dict[str, Any], shape: list[int], raw: bytes | None) -> list[bytes]:
