@@ -18,9 +18,11 @@ from conftest import BUNDLED_MODEL, SAMPLES, color_image, png_claiming_size
 from tinyserve.app import ServerConfig, create_app
 from tinyserve.batcher import BatchConfig
 from tinyserve.imaging import ImageLimits
+from tinyserve.repository import resolve
 
 TOKEN = "s3cret-token"
 BOOT = next(SAMPLES.glob("*ankle-boot.png")).read_bytes()
+SERVED_VERSION = resolve(BUNDLED_MODEL).version  # pinned in config.toml, else the highest
 
 
 def png(image: Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
@@ -65,7 +67,7 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 
 def assert_prediction(body: dict[str, Any], label: str = "Ankle boot") -> None:
     assert body["label"] == label
-    assert body["model"] == "fashion-cnn" and body["version"] == 1
+    assert body["model"] == "fashion-cnn" and body["version"] == SERVED_VERSION
     assert 0.0 < body["confidence"] <= 1.0
     assert body["predictions"][0] == {
         "label": body["label"],

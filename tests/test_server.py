@@ -21,6 +21,7 @@ import pytest
 from conftest import BUNDLED_MODEL, SAMPLES
 from tinyserve.engine import Engine
 from tinyserve.imaging import load_image
+from tinyserve.repository import next_version, resolve
 
 pytestmark = pytest.mark.slow
 TOKEN = "reload-token-123"
@@ -132,7 +133,7 @@ def test_concurrent_clients_share_batches_and_get_their_own_answers(
 ) -> None:
     server = serve("--max-delay-ms", "2")
     paths = samples() * 16
-    engine = Engine(BUNDLED_MODEL / "1" / "model.onnx")
+    engine = Engine(resolve(BUNDLED_MODEL).path)  # the version the server serves
     expected = {
         p: [x.class_id for x in engine.predict(load_image(p, engine.manifest.input)[None], 3)[0]]
         for p in samples()
@@ -164,7 +165,8 @@ def test_hot_reload_under_load_drops_nothing(serve: Callable[..., Server], tmp_p
     for w in workers:
         w.start()
     time.sleep(0.5)
-    shutil.copytree(repo / "fashion-cnn" / "1", repo / "fashion-cnn" / "2")
+    served, new = resolve(repo / "fashion-cnn").version, next_version(repo / "fashion-cnn")
+    shutil.copytree(repo / "fashion-cnn" / "1", repo / "fashion-cnn" / str(new))
     reload = httpx.post(
         f"{server.url}/admin/models/fashion-cnn/reload",
         headers={"authorization": f"Bearer {TOKEN}"},
@@ -177,8 +179,8 @@ def test_hot_reload_under_load_drops_nothing(serve: Callable[..., Server], tmp_p
     assert reload.status_code == 200, reload.text
     assert results and all(status == 200 for status, _ in results)
     versions = [v for _, v in results]
-    assert versions[0] == 1 and versions[-1] == 2
-    assert httpx.post(f"{server.url}/predict", content=body).json()["version"] == 2
+    assert versions[0] == served and versions[-1] == new
+    assert httpx.post(f"{server.url}/predict", content=body).json()["version"] == new
 
 
 def test_sighup_reloads(serve: Callable[..., Server], tmp_path: Path) -> None:
@@ -186,14 +188,14 @@ def test_sighup_reloads(serve: Callable[..., Server], tmp_path: Path) -> None:
     shutil.copytree(BUNDLED_MODEL, repo / "fashion-cnn")
     server = serve(repo=repo)
     body = samples()[0].read_bytes()
-    shutil.copytree(repo / "fashion-cnn" / "1", repo / "fashion-cnn" / "2")
+    version, new = resolve(repo / "fashion-cnn").version, next_version(repo / "fashion-cnn")
+    shutil.copytree(repo / "fashion-cnn" / "1", repo / "fashion-cnn" / str(new))
     server.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    version = 1
-    while version != 2 and time.monotonic() < deadline:
+    while version != new and time.monotonic() < deadline:
         version = httpx.post(f"{server.url}/predict", content=body).json()["version"]
         time.sleep(0.05)
-    assert version == 2
+    assert version == new
 
 
 def test_sigterm_finishes_every_admitted_request(serve: Callable[..., Server]) -> None:
