@@ -116,3 +116,12 @@ def test_limits_are_checked_before_decoding() -> None:
         decode_image(png_claiming_size(30000, 30000), RGB)  # Pillow's own bomb check fires
     with pytest.raises(PayloadTooLarge, match="is 8000x6000 = 48,000,000 pixels"):
         decode_image(png_claiming_size(8000, 6000), RGB)  # our (lower) limit fires
+
+
+def test_exif_orientation_in_a_png_is_applied() -> None:
+    image = Image.new("L", (40, 20), 0)
+    image.paste(255, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = decode_image(encode(image, "PNG", exif=exif), InputSpec(20, 10, 1, "L"))
+    assert pixels[:8].mean() > 200 and pixels[12:].mean() < 50

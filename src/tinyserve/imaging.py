@@ -23,6 +23,8 @@ Pixels = npt.NDArray[np.uint8]
 FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 _ROTATING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
+# Formats whose EXIF block is read with the header; asking others for EXIF costs a full parse.
+_EXIF_IN_HEADER = frozenset({"JPEG", "MPO", "WEBP", "TIFF"})
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,14 @@ def load_image(path: str | Path, spec: InputSpec, limits: ImageLimits = DEFAULT_
 
 
 def _to_pixels(image: Image.Image, spec: InputSpec) -> Pixels:
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    orientation = _orientation(image) if image.format in _EXIF_IN_HEADER else 1
     if image.format in ("JPEG", "MPO"):
         # Ask for at least the size the resize step needs, in the file's own orientation.
         need_w, need_h = _needed_size(image.size, spec, orientation)
         image.draft(spec.color if image.mode in ("L", "RGB") else None, (need_w, need_h))
     image.load()
+    if image.format not in _EXIF_IN_HEADER and "exif" in image.info:
+        orientation = _orientation(image)  # PNG keeps EXIF in a chunk read with the pixels
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
     image = _convert(image, spec)
@@ -98,6 +102,10 @@ def _to_pixels(image: Image.Image, spec: InputSpec) -> Pixels:
     if array.ndim == 2:
         array = array[:, :, None]
     return np.ascontiguousarray(array)
+
+
+def _orientation(image: Image.Image) -> int:
+    return int(image.getexif().get(_EXIF_ORIENTATION, 1))
 
 
 def _needed_size(size: tuple[int, int], spec: InputSpec, orientation: int) -> tuple[int, int]:
