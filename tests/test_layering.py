@@ -25,6 +25,7 @@ SERVING_MODULES = [
     "tinyserve.openapi",
     "tinyserve.app",
     "tinyserve.v2",
+    "tinyserve.v2_tensors",
     "tinyserve.sources",
     "tinyserve.serverless",
     "tinyserve.onnx_import",
