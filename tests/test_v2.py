@@ -109,6 +109,16 @@ def test_repository_extension_is_off_without_a_token(
     assert response.status_code == 401 and "admin" in response.json()["error"]
 
 
+def test_access_log_covers_v2_routes(
+    make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client(access_log=True)
+    with caplog.at_level("INFO", logger="tinyserve.access"):
+        client.get("/v2/health/live")
+    (line,) = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "tinyserve.access"]
+    assert line["path"] == "/v2/health/live" and line["status"] == 200
+
+
 def test_model_metadata_and_config(client: TestClient) -> None:
     meta = client.get("/v2/models/fashion-cnn").json()
     assert meta["name"] == "fashion-cnn" and meta["versions"] == ["1"]
@@ -129,6 +139,9 @@ def test_model_metadata_and_config(client: TestClient) -> None:
     assert "dynamic_batching" in config
     missing = client.get("/v2/models/nope")
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    for path in ("/v2/nothing", "/v2/models/fashion-cnn/versions/1/nothing"):
+        unknown = client.get(path)
+        assert unknown.status_code == 404 and path in unknown.json()["error"]
 
 
 # -- inference --------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from tinyserve.app import _Server
 
 log = logging.getLogger("tinyserve")
+access_log = logging.getLogger("tinyserve.access")
 
 PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = "inference-header-content-length"
@@ -82,6 +83,7 @@ class _V2:
             post("/v2/repository/index", self.repository_index),
             post("/v2/repository/models/{model}/load", self.load),
             post("/v2/repository/models/{model}/unload", self.unload),
+            Route("/v2/{path:path}", self.no_route, methods=["GET", "POST"]),
         ]
 
     # -- plumbing -------------------------------------------------------------------------
@@ -103,12 +105,21 @@ class _V2:
             except Exception as exc:  # a bug: answer 500, log it, keep serving
                 log.exception("unhandled error on %s", route)
                 response = _json({"error": f"internal error: {type(exc).__name__}"}, 500)
+            seconds = time.perf_counter() - started
             if counted:
                 model = request.path_params.get("model")
-                seconds = time.perf_counter() - started
                 self.metrics.observe_request(route, response.status_code, seconds, model)
             else:
                 self.metrics.count_request(route, response.status_code)
+            if self.config.access_log:
+                line = {
+                    "method": request.method,
+                    "path": request.url.path,
+                    "status": response.status_code,
+                    "ms": round(seconds * 1000, 3),
+                    "client": request.client.host if request.client else None,
+                }
+                access_log.info(orjson.dumps(line).decode())
             return response
 
         return endpoint
@@ -121,6 +132,10 @@ class _V2:
         return self.registry.get(name, int(raw) if raw is not None else None)
 
     # -- health and metadata --------------------------------------------------------------
+
+    async def no_route(self, request: Request) -> Response:
+        message = f"no route {request.method} {request.url.path}; see docs/api.md (V2)"
+        return _json({"error": message}, 404)
 
     async def live(self, request: Request) -> Response:
         return Response(status_code=200)
