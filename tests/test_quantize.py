@@ -201,3 +201,23 @@ def test_config_is_validated(tmp_path: Path) -> None:
         AgreementBar(max_accuracy_drop=-1)
     with pytest.raises(ValueError, match="calibration method"):
         Calibration(method="mse")
+
+
+def test_unlabelled_photos_gate_on_agreement_with_the_parent(
+    repo: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"  # images without class folders, as for an ImageNet model
+    photos.mkdir()
+    for path in sorted(image_folder.rglob("*.png"))[:9]:
+        shutil.copy(path, photos / f"{path.parent.name}-{path.name}")
+    result = quantize(QuantizeConfig(repo / "colors", data=str(photos)))
+    assert result.gate.samples == 9
+    assert result.gate.parent_accuracy == 1.0  # the parent's answers are the labels
+    assert result.gate.accuracy == result.gate.agreement
+    assert result.path is not None
+    strict = QuantizeConfig(
+        repo / "colors", parent=1, data=str(photos), bar=AgreementBar(min_agreement=1.0)
+    )
+    gated = quantize(strict)
+    assert gated.gate.passed == (gated.gate.agreement == 1.0)
+    assert (gated.path is not None) == gated.gate.passed

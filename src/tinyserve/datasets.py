@@ -139,6 +139,27 @@ def load_image_folder(root: Path, spec: InputSpec, progress: bool = False) -> Im
     return ImageDataset(images, labels, tuple(classes), root.name)
 
 
+def is_unlabelled_folder(root: Path) -> bool:
+    """A folder holding images directly and no class sub-folders."""
+    if not root.is_dir() or any(p.is_dir() for p in root.iterdir()):
+        return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+
+
+def load_unlabelled_folder(root: Path, spec: InputSpec) -> ImageDataset:
+    """Every image directly in ``root``, decoded to ``spec``; labels are -1 (unknown)."""
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"{root} holds no .jpg/.png/.webp images")
+    images = np.empty((len(files), *spec.shape), dtype=np.uint8)
+    for i, path in enumerate(files):
+        try:
+            images[i] = load_image(path, spec)
+        except (InputError, OSError) as exc:
+            raise DatasetError(f"cannot use {path}: {exc}") from exc
+    return ImageDataset(images, np.full(len(files), -1, dtype=np.int64), (), root.name)
+
+
 def split_dataset(
     dataset: ImageDataset, val_fraction: float, seed: int = 0
 ) -> tuple[ImageDataset, ImageDataset]:

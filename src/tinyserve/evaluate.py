@@ -12,7 +12,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tinyserve.datasets import ImageDataset, load_dataset
+from tinyserve.datasets import (
+    ImageDataset,
+    is_unlabelled_folder,
+    load_dataset,
+    load_unlabelled_folder,
+)
 from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import DatasetError
 from tinyserve.manifest import Manifest
@@ -147,9 +152,14 @@ def evaluation_set(
     """The ``split`` of ``data`` a model is measured on, checked against its input contract.
 
     An image-folder model reuses the train/validation split recorded at export, so its
-    "test" images are the ones it never trained on.
+    "test" images are the ones it never trained on. A folder of images without class
+    sub-folders gives an unlabelled set (labels -1).
     """
     spec = manifest.input
+    if is_unlabelled_folder(Path(data)):
+        # Images without classes (e.g. photos for an ImageNet model): every split is all of
+        # them, and only agreement between two models can be measured on them.
+        return load_unlabelled_folder(Path(data), spec)
     if data == "fashion-mnist":
         dataset = load_dataset("fashion-mnist", split, data_dir=data_dir)
     else:

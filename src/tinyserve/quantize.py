@@ -296,15 +296,23 @@ class CalibrationReader:
 def agreement_gate(
     parent: Path, candidate: Path, manifest: Manifest, config: QuantizeConfig, progress: bool
 ) -> GateResult:
-    """Top-1 agreement and accuracy change of ``candidate`` against ``parent``."""
+    """Top-1 agreement and accuracy change of ``candidate`` against ``parent``.
+
+    On an unlabelled image folder the parent's own top-1 answers serve as labels, so the
+    accuracy change is the disagreement in points.
+    """
     engines = [Engine(p, EngineConfig(warmup_runs=0)) for p in (parent, candidate)]
     test = evaluation_set(manifest, config.data, config.data_dir)
     reference, predicted = (
         predict_classes(e, test, config.batch_size, progress, f"testing {label}")
         for e, label in zip(engines, ("parent", config.mode), strict=True)
     )
-    parent_acc = float((reference == test.labels).mean())
-    accuracy = float((predicted == test.labels).mean())
+    labels = test.labels
+    if (labels < 0).all():
+        # Unlabelled images: the parent's answers are the labels, so "accuracy" is agreement.
+        labels = reference
+    parent_acc = float((reference == labels).mean())
+    accuracy = float((predicted == labels).mean())
     return GateResult(
         dataset=test.name,
         samples=len(test),

@@ -10,12 +10,11 @@ for this model (``max_batch_size``, ``max_delay_ms``, ``max_queue``, ``timeout_s
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from tinyserve.errors import ConfigError, ModelNotFound
 

@@ -190,7 +190,7 @@ async def _run(config: LoadConfig, progress: Callable[[str], None] | None) -> Lo
         warmup_s=config.warmup_s,
         duration_s=config.duration_s,
         timeout_s=config.timeout_s,
-        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        started=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         python=platform.python_version(),
         event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         server_metrics="not requested",
