@@ -7,9 +7,9 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
-import tomllib
 import yaml
 
 from conftest import ROOT
