@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -232,7 +233,12 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         if name == "fashion-cnn":
-            repo, image = ROOT / "models", ROOT / "samples/fashion/0000_ankle-boot.png"
+            # Version 1 (FP32) alone, so every server runs the very same file.
+            repo = args.out / "repo-fashion"
+            if not (repo / name / "1" / "model.onnx").is_file():
+                (repo / name / "1").mkdir(parents=True)
+                shutil.copy(ROOT / "models/fashion-cnn/1/model.onnx", repo / name / "1")
+            image = ROOT / "samples/fashion/0000_ankle-boot.png"
         elif name == "resnet50":
             repo, image = build_resnet50(args.out / "repo"), ROOT / "samples/photos/cat.png"
         else:
