@@ -8,8 +8,6 @@ default model.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hmac
 import io
@@ -36,7 +34,6 @@ from tinyserve.batcher import BatchConfig
 from tinyserve.engine import EngineConfig, softmax, top_predictions
 from tinyserve.errors import (
     ConfigError,
-    ImageDecodeError,
     InferenceTimeout,
     InputError,
     InvalidParameter,
@@ -50,7 +47,7 @@ from tinyserve.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from tinyserve.imaging import ImageLimits, Pixels, decode_image
+from tinyserve.imaging import ImageLimits, Pixels, decode_base64, decode_image
 from tinyserve.manifest import InputSpec
 from tinyserve.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from tinyserve.openapi import OPENAPI, SWAGGER_HTML
@@ -586,17 +583,6 @@ def _int_param(name: str, raw: object) -> int:
         raise InvalidParameter(f"{name} must be an integer, got {raw!r}") from None
 
 
-def _b64(value: object, where: str) -> bytes:
-    if not isinstance(value, str):
-        raise InvalidParameter(f"{where} must be a base64 string")
-    if value.startswith("data:"):
-        value = value.partition(",")[2]  # a data URL: data:image/png;base64,....
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageDecodeError(f"{where} is not valid base64") from None
-
-
 def _parse_json(body: bytes, batch: bool) -> _Parsed:
     try:
         data = orjson.loads(body)
@@ -608,16 +594,18 @@ def _parse_json(body: bytes, batch: bool) -> _Parsed:
     if not batch:
         if "image" not in data:
             raise InvalidParameter("the JSON body needs an 'image' field holding base64 bytes")
-        return _Parsed([_Upload(None, _b64(data["image"], "'image'"))], top_k)
+        return _Parsed([_Upload(None, decode_base64(data["image"], "'image'"))], top_k)
     items = data.get("images")
     if not isinstance(items, list):
         raise InvalidParameter("the JSON body needs an 'images' list")
     images: list[_Upload] = []
     for i, item in enumerate(items):
         if isinstance(item, dict):
-            images.append(_Upload(item.get("filename"), _b64(item.get("image"), f"images[{i}]")))
+            images.append(
+                _Upload(item.get("filename"), decode_base64(item.get("image"), f"images[{i}]"))
+            )
         else:
-            images.append(_Upload(None, _b64(item, f"images[{i}]")))
+            images.append(_Upload(None, decode_base64(item, f"images[{i}]")))
     return _Parsed(images, top_k)
 
 

@@ -7,6 +7,8 @@ the DCT domain (Pillow's draft mode), which is where most of the time goes for p
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,12 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tinyserve.errors import ImageDecodeError, PayloadTooLarge, UnsupportedMediaType
+from tinyserve.errors import (
+    ImageDecodeError,
+    InvalidParameter,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from tinyserve.manifest import InputSpec
 
 Pixels = npt.NDArray[np.uint8]
@@ -78,6 +85,18 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = DEFAULT_LIM
             return _to_pixels(image, spec)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageDecodeError(f"the image is damaged or truncated: {exc}") from exc
+
+
+def decode_base64(value: object, where: str) -> bytes:
+    """Bytes from a base64 string (a ``data:`` URL is accepted); ``where`` names it in errors."""
+    if not isinstance(value, str):
+        raise InvalidParameter(f"{where} must be a base64 string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]  # data:image/png;base64,....
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError(f"{where} is not valid base64") from None
 
 
 def load_image(path: str | Path, spec: InputSpec, limits: ImageLimits = DEFAULT_LIMITS) -> Pixels:

@@ -18,8 +18,6 @@ The model comes only from this configuration: nothing in an event can make it fe
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import os
@@ -37,7 +35,7 @@ from tinyserve.errors import (
     ModelError,
     TinyServeError,
 )
-from tinyserve.imaging import ImageLimits, decode_image
+from tinyserve.imaging import ImageLimits, decode_base64, decode_image
 from tinyserve.repository import ModelRef, resolve
 from tinyserve.sources import default_cache_dir, forget, is_remote, materialize
 
@@ -204,7 +202,7 @@ def _parse(event: Event, model: _Model) -> tuple[bytes, int]:
     if payload is not None:
         if "image" not in payload:
             raise InvalidParameter("the JSON body needs an 'image' field holding base64 bytes")
-        data = _b64(payload["image"], "'image'")
+        data = decode_base64(payload["image"], "'image'")
         top_k = payload.get("top_k")
     query = event.get("queryStringParameters") or {}
     if query.get("top_k") is not None:
@@ -217,19 +215,8 @@ def _body(event: Event) -> bytes:
     if body is None or body == "":
         raise ImageDecodeError("the request has no body; send image bytes or JSON with 'image'")
     if event.get("isBase64Encoded"):
-        return _b64(body, "the base64-encoded body")
+        return decode_base64(body, "the base64-encoded body")
     return body.encode() if isinstance(body, str) else bytes(body)
-
-
-def _b64(value: object, where: str) -> bytes:
-    if not isinstance(value, str):
-        raise InvalidParameter(f"{where} must be a base64 string")
-    if value.startswith("data:"):
-        value = value.partition(",")[2]  # a data URL: data:image/png;base64,....
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageDecodeError(f"{where} is not valid base64") from None
 
 
 def _top_k(raw: object, model: _Model) -> int:

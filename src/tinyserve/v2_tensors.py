@@ -8,8 +8,6 @@ elements each with a 4-byte little-endian length prefix. Nothing here knows abou
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import struct
 import zlib
@@ -21,12 +19,11 @@ import orjson
 
 from tinyserve.engine import Logits, softmax
 from tinyserve.errors import (
-    ImageDecodeError,
     InvalidParameter,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from tinyserve.imaging import Pixels
+from tinyserve.imaging import Pixels, decode_base64
 from tinyserve.registry import LoadedModel
 
 BYTES_INPUT = "image"  # the BYTES input of encoded images
@@ -215,7 +212,10 @@ def _encoded(tensor: dict[str, Any], shape: list[int], raw: bytes | None) -> lis
             items.append(raw[offset : offset + length])
             offset += length
     else:
-        items = [_b64(v, f"BYTES element {i}") for i, v in enumerate(_flatten(tensor.get("data")))]
+        items = [
+            decode_base64(v, f"BYTES element {i}")
+            for i, v in enumerate(_flatten(tensor.get("data")))
+        ]
     if len(items) != count:
         raise InvalidParameter(f"shape {shape} needs {count} BYTES elements, got {len(items)}")
     return items
@@ -342,15 +342,6 @@ def _flatten(data: object) -> list[Any]:
         else:
             stack.pop()
     return flat
-
-
-def _b64(value: object, where: str) -> bytes:
-    if not isinstance(value, str):
-        raise InvalidParameter(f"{where} must be a base64 string in JSON")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageDecodeError(f"{where} is not valid base64") from None
 
 
 __all__ = [
