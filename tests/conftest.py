@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+from starlette.testclient import TestClient
 
 from tinyserve.datasets import FASHION_MNIST_DIR
 
@@ -102,3 +104,21 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
         ExportConfig(tiny_checkpoint, "colors", repo=repo, parity=ParityBar(samples=12))
     )
     return repo
+
+
+@pytest.fixture
+def app_client() -> Iterator[Callable[..., TestClient]]:
+    """Factory: a TestClient, lifespan running, for ``create_app(ServerConfig(**options))``."""
+    from tinyserve.app import ServerConfig, create_app
+
+    clients: list[TestClient] = []
+
+    def make(**options: Any) -> TestClient:
+        client = TestClient(create_app(ServerConfig(**options)), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,6 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from conftest import BUNDLED_MODEL, SAMPLES, color_image, png_claiming_size
-from tinyserve.app import ServerConfig, create_app
 from tinyserve.batcher import BatchConfig
 from tinyserve.imaging import ImageLimits
 from tinyserve.repository import resolve
@@ -45,19 +44,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_repo: Path) -> Path:
 
 
 @pytest.fixture
-def make_client(repo: Path) -> Iterator[Callable[..., TestClient]]:
-    clients: list[TestClient] = []
-
-    def make(**overrides: Any) -> TestClient:
-        config = ServerConfig(**{"repo": repo, "default_model": "fashion-cnn", **overrides})
-        client = TestClient(create_app(config), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+def make_client(repo: Path, app_client: Callable[..., TestClient]) -> Callable[..., TestClient]:
+    return lambda **overrides: app_client(
+        **{"repo": repo, "default_model": "fashion-cnn", **overrides}
+    )
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import gzip
 import shutil
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from starlette.testclient import TestClient
 from conftest import BUNDLED_MODEL, SAMPLES
 from test_server import TOKEN as SERVER_TOKEN
 from test_server import Server, _batch_sizes
-from tinyserve.app import ServerConfig, create_app
 from tinyserve.bench.client import Target, encode_body, image_request
 from tinyserve.imaging import load_image
 from tinyserve.manifest import InputSpec
@@ -40,19 +39,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def make_client(repo: Path) -> Iterator[Callable[..., TestClient]]:
-    clients: list[TestClient] = []
-
-    def make(**overrides: Any) -> TestClient:
-        config = ServerConfig(**{"repo": repo, **overrides})
-        client = TestClient(create_app(config), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+def make_client(repo: Path, app_client: Callable[..., TestClient]) -> Callable[..., TestClient]:
+    return lambda **overrides: app_client(**{"repo": repo, **overrides})
 
 
 @pytest.fixture
