@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tinyserve.cli import app
 from tinyserve.engine import Engine
-from tinyserve.errors import ModelError
+from tinyserve.errors import ConfigError, ModelError
 from tinyserve.manifest import read_manifest
 from tinyserve.quantize import (
     AgreementBar,
@@ -221,3 +221,12 @@ def test_unlabelled_photos_gate_on_agreement_with_the_parent(
     gated = quantize(strict)
     assert gated.gate.passed == (gated.gate.agreement == 1.0)
     assert (gated.path is not None) == gated.gate.passed
+
+
+def test_an_already_quantized_version_is_refused_with_its_parent_named(
+    repo: Path, image_folder: Path
+) -> None:
+    first = quantize(QuantizeConfig(repo / "colors", data=str(image_folder)))
+    assert first.version == 2
+    with pytest.raises(ConfigError, match="already static-quantized.*--parent 1"):
+        quantize(QuantizeConfig(repo / "colors", data=str(image_folder)))  # default: v2

@@ -138,6 +138,12 @@ def quantize(config: QuantizeConfig, progress: bool = False) -> QuantizeResult:
         raise ConfigError(f"{config.model_dir} is not a model folder (models/<name>)")
     parent = resolve(config.model_dir, config.parent)
     manifest = read_manifest(parent.path)
+    done = manifest.source.get("optimization")
+    if isinstance(done, dict) and done.get("mode"):
+        raise ConfigError(
+            f"version {parent.version} of {parent.name} is already {done['mode']}-quantized; "
+            f"quantize its parent instead (--parent {done.get('parent_version', 1)})"
+        )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tinyserve-quantize-") as tmp:
         candidate = Path(tmp) / "model.onnx"
