@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -12,6 +12,9 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from tinyserve.datasets import FASHION_MNIST_DIR
+
+if TYPE_CHECKING:
+    from tinyserve.training.train import TrainConfig
 
 pytest_plugins = ["s3_endpoint"]  # the s3 / s3_endpoint fixtures (moto on loopback)
 
@@ -64,26 +67,25 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("data") / "colors")
 
 
+def tiny_train_config(out: Path, image_folder: Path, **options: Any) -> TrainConfig:
+    """A quick run on the generated colour folder: 16x16 RGB, batch 8, one thread."""
+    from tinyserve.training.train import TrainConfig
+
+    settings: dict[str, Any] = dict(
+        arch="custom_cnn", epochs=8, batch_size=8, lr=0.05, image_size=16, channels=3,
+        val_fraction=0.25, threads=1,
+    )  # fmt: skip
+    return TrainConfig(out=out, data=str(image_folder), **{**settings, **options})
+
+
 @pytest.fixture(scope="session")
 def train_tiny(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Callable[..., Path]:
     """Factory: train an architecture for a few quick epochs; returns best.pt."""
-    from tinyserve.training.train import TrainConfig, fit
+    from tinyserve.training.train import fit
 
     def train(arch: str = "custom_cnn", epochs: int = 8, **options: object) -> Path:
         out = tmp_path_factory.mktemp(f"run-{arch}")
-        config = TrainConfig(
-            out=out,
-            data=str(image_folder),
-            arch=arch,
-            epochs=epochs,
-            batch_size=8,
-            lr=0.05,
-            image_size=16,
-            channels=3,
-            val_fraction=0.25,
-            threads=1,
-            **options,  # type: ignore[arg-type]
-        )
+        config = tiny_train_config(out, image_folder, arch=arch, epochs=epochs, **options)
         return fit(config, progress=False).best_path
 
     return train

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_train_config
 from tinyserve.errors import ConfigError
 from tinyserve.training.distill import DistillConfig, distill, distillation_loss
 from tinyserve.training.train import TrainConfig, load_checkpoint
@@ -34,18 +35,7 @@ def test_soft_term_is_scaled_kl_divergence() -> None:
 def test_distill_trains_student_and_baseline(
     tiny_checkpoint: Path, image_folder: Path, tmp_path: Path
 ) -> None:
-    student = TrainConfig(
-        out=tmp_path / "student",
-        data=str(image_folder),
-        arch="vgg_lite",
-        epochs=2,
-        batch_size=8,
-        lr=0.05,
-        image_size=16,
-        channels=3,
-        val_fraction=0.25,
-        threads=1,
-    )
+    student = tiny_train_config(tmp_path / "student", image_folder, arch="vgg_lite", epochs=2)
     result = distill(
         DistillConfig(tiny_checkpoint, student, temperature=2.0, alpha=0.7), progress=False
     )

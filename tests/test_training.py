@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import needs_fashion_mnist
+from conftest import needs_fashion_mnist, tiny_train_config
 from tinyserve.errors import CheckpointError, ConfigError
 from tinyserve.training.train import (
     TrainConfig,
@@ -58,17 +58,7 @@ def test_resume_continues_an_interrupted_run(
 ) -> None:
     import tinyserve.training.train as train_module
 
-    config = TrainConfig(
-        out=tmp_path,
-        data=str(image_folder),
-        arch="custom_cnn",
-        epochs=3,
-        batch_size=8,
-        lr=0.05,
-        image_size=16,
-        val_fraction=0.25,
-        threads=1,
-    )
+    config = tiny_train_config(tmp_path, image_folder, epochs=3)
     real_evaluate = train_module.evaluate_model
     calls = []
 
