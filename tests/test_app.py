@@ -369,3 +369,21 @@ def test_a_broken_model_is_reported_and_others_still_serve(
     assert client.get("/health").json()["status"] == "degraded"
     response = client.post("/v1/models/broken/predict", content=BOOT)
     assert response.status_code == 503 and "failed to load" in response.json()["error"]["message"]
+
+
+def test_shortcut_and_router_give_the_same_answers(client: TestClient) -> None:
+    direct = client.post("/v1/models/fashion-cnn/predict?top_k=3", content=BOOT).json()
+    # a trailing slash misses the shortcut; Starlette's router redirects it to the same route
+    routed = client.post("/v1/models/fashion-cnn/predict/?top_k=3", content=BOOT).json()
+    assert direct["predictions"] == routed["predictions"]
+    assert len(direct["predictions"]) == 3
+    multipart = client.post(
+        "/infer", files={"file": ("b.png", BOOT, "image/png")}, data={"top_k": "2"}
+    )
+    assert [p["label"] for p in multipart.json()["predictions"]] == [
+        p["label"] for p in direct["predictions"][:2]
+    ]
+    assert client.get("/predict").status_code == 405  # the router still owns other methods
+    assert client.post("/v1/models//predict", content=BOOT).status_code == 404
+    stats = client.get("/stats").json()
+    assert stats["models"]["fashion-cnn"]["total_requests"] >= 3  # the shortcut is counted

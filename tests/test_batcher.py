@@ -162,8 +162,53 @@ def test_close_drains_then_refuses() -> None:
     assert sum(engine.sizes) == 6
 
 
+def _threads_used(engine: FakeEngine, config: BatchConfig) -> tuple[set[str], set[str]]:
+    """Threads that ran a lone request, then a burst of concurrent ones, after warm-up."""
+
+    async def scenario() -> tuple[set[str], set[str]]:
+        batcher = Batcher(engine, config)
+        batcher.start()
+        await batcher.warmup(image(0))
+        engine.threads.clear()
+        await batcher.submit(image(1))
+        lone = set(engine.threads)
+        engine.threads.clear()
+        await asyncio.gather(*(batcher.submit(image(v)) for v in range(16)))
+        await batcher.close()
+        return lone, set(engine.threads)
+
+    return asyncio.run(scenario())
+
+
+def test_a_lone_request_to_a_fast_model_runs_on_the_loop_thread() -> None:
+    engine = FakeEngine()
+    lone, burst = _threads_used(engine, BatchConfig(max_batch_size=8))
+    assert lone == {threading.main_thread().name}
+    # the burst: the first request may run inline, the batches behind it go to the thread
+    assert any(name.startswith("infer-") for name in burst) and max(engine.sizes) > 1
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"max_batch_size": 0}, {"max_delay_ms": -1}, {"max_queue": 0}, {"timeout_s": 0}]
+    "engine,config",
+    [(FakeEngine(delay=0.005), BatchConfig()), (FakeEngine(), BatchConfig(inline_ms=0))],
+    ids=["slow-model", "inline-off"],
+)
+def test_slow_models_and_inline_off_keep_the_inference_thread(
+    engine: FakeEngine, config: BatchConfig
+) -> None:
+    lone, burst = _threads_used(engine, config)
+    assert threading.main_thread().name not in lone | burst
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_batch_size": 0},
+        {"max_delay_ms": -1},
+        {"max_queue": 0},
+        {"timeout_s": 0},
+        {"inline_ms": -1},
+    ],
 )
 def test_config_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):

@@ -1,8 +1,9 @@
 """The HTTP server: routes, request parsing, lifespan, and the one error -> HTTP mapping.
 
-``create_app(ServerConfig(...))`` returns an ASGI app (Starlette). Routes and response shapes
-are those of docs/api.md; the seed-style aliases (``/predict``, ``/infer``...) act on the
-default model.
+``create_app(ServerConfig(...))`` returns the ASGI app. Routes and response shapes are those
+of docs/api.md; the seed-style aliases (``/predict``, ``/infer``...) act on the default model.
+The prediction POSTs run straight on ASGI (``asgi.py``): ``App`` hands them to their handler
+without a framework in between. Every other route, and the lifespan, is Starlette's.
 """
 
 from __future__ import annotations
@@ -23,13 +24,23 @@ from typing import Any
 import numpy as np
 import orjson
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from tinyserve import __version__
+from tinyserve.asgi import (
+    Call,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    log_access,
+    parse_multipart,
+    read_body,
+)
+from tinyserve.asgi import send_response as send_raw
 from tinyserve.batcher import BatchConfig
 from tinyserve.engine import EngineConfig, softmax, top_predictions
 from tinyserve.errors import (
@@ -55,7 +66,6 @@ from tinyserve.registry import LoadedModel, ModelRegistry
 from tinyserve.v2 import v2_routes
 
 log = logging.getLogger("tinyserve")
-access_log = logging.getLogger("tinyserve.access")
 
 # The one mapping from the exception tree to HTTP. Order matters: subclasses first.
 STATUS_BY_ERROR: tuple[tuple[type[TinyServeError], int], ...] = (
@@ -139,27 +149,17 @@ class _Server:
 
     # -- request parsing ------------------------------------------------------------------
 
-    async def read_body(self, request: Request) -> bytes:
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the request body is {int(declared):,} bytes; limit {limit:,}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the request body exceeds the limit of {limit:,} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        request._body = body  # let request.form() parse what was already read
-        return body
+    async def read_body(self, receive: Receive, content_length: str | None) -> bytes:
+        return await read_body(receive, content_length, self.config.max_body_bytes)
 
-    async def parse(self, request: Request, batch: bool) -> _Parsed:
+    async def parse(self, call: Call, batch: bool) -> _Parsed:
         """Images and top_k from a raw, multipart or JSON body."""
-        body = await self.read_body(request)
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        headers = call.headers
+        body = await self.read_body(call.receive, headers.get("content-length"))
+        content_type = headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
         if media == "multipart/form-data":
-            return await self._parse_multipart(request, batch)
+            return self._parse_multipart(body, content_type, batch)
         if media == "application/json" or media.endswith("+json"):
             return _parse_json(body, batch)
         # curl --data-binary sends application/x-www-form-urlencoded unless told otherwise.
@@ -175,31 +175,27 @@ class _Server:
             "application/octet-stream), multipart/form-data or application/json"
         )
 
-    async def _parse_multipart(self, request: Request, batch: bool) -> _Parsed:
-        try:
-            form = await request.form(max_files=self.config.max_batch_images + 1)
-        except (HTTPException, ValueError) as exc:
-            detail = getattr(exc, "detail", None) or str(exc)
-            raise InvalidParameter(f"malformed multipart body: {detail}") from exc
-        try:
-            names = ("files", "file", "images", "image") if batch else ("file", "image", "files")
-            uploads: list[UploadFile] = []
-            for name in names:
-                uploads = [v for v in form.getlist(name) if isinstance(v, UploadFile)]
-                if uploads:
-                    break
-            if not uploads:
-                uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            if not uploads:
-                expected = "'files'" if batch else "'file'"
-                raise InvalidParameter(
-                    f"the multipart body has no file field (expected {expected})"
-                )
-            images = [_Upload(u.filename, await u.read()) for u in uploads]
-            top_k = form.get("top_k")
-            return _Parsed(images, _int_param("top_k", top_k) if isinstance(top_k, str) else None)
-        finally:
-            await form.close()
+    def _parse_multipart(self, body: bytes, content_type: str, batch: bool) -> _Parsed:
+        # One part more than a batch may hold lets the batch check name the real limit.
+        parts = parse_multipart(body, content_type, self.config.max_batch_images + 2)
+        files = [p for p in parts if p.filename is not None]
+        names = ("files", "file", "images", "image") if batch else ("file", "image", "files")
+        uploads = []
+        for name in names:
+            uploads = [p for p in files if p.name == name]
+            if uploads:
+                break
+        if not uploads:
+            uploads = files
+        if not uploads:
+            expected = "'files'" if batch else "'file'"
+            raise InvalidParameter(f"the multipart body has no file field (expected {expected})")
+        fields = {p.name: p.data for p in parts if p.filename is None}
+        top_k = fields.get("top_k")
+        return _Parsed(
+            [_Upload(p.filename, p.data) for p in uploads],
+            _int_param("top_k", top_k.decode("utf-8", "replace")) if top_k is not None else None,
+        )
 
     # -- prediction -----------------------------------------------------------------------
 
@@ -211,8 +207,8 @@ class _Server:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decode_pool, decode_image, data, spec, limits)
 
-    def top_k(self, request: Request, parsed: _Parsed, model: LoadedModel) -> int:
-        raw = request.query_params.get("top_k")
+    def top_k(self, call: Call, parsed: _Parsed, model: LoadedModel) -> int:
+        raw = call.query.get("top_k")
         top_k = _int_param("top_k", raw) if raw is not None else parsed.top_k
         classes = model.manifest.num_classes
         if top_k is None:
@@ -221,19 +217,19 @@ class _Server:
             raise InvalidParameter(f"top_k must be between 1 and {classes}, got {top_k}")
         return top_k
 
-    def model_for(self, request: Request) -> LoadedModel:
-        name = request.path_params.get("model")
-        raw = request.query_params.get("version")
+    def model_for(self, call: Call) -> LoadedModel:
+        name = call.path_params.get("model")
+        raw = call.query.get("version")
         version = _int_param("version", raw) if raw is not None else None
         model = self.registry.get(name, version)
-        request.state.model = model.name
+        call.model = model.name
         return model
 
-    def check_rate(self, request: Request) -> None:
+    def check_rate(self, client: str | None) -> None:
         rate = self.config.rate_limit
         if rate <= 0:
             return
-        client = request.client.host if request.client else "-"
+        client = client or "-"
         now = time.monotonic()
         tokens, last = self._buckets.get(client, (rate, now))
         tokens = min(rate, tokens + (now - last) * rate)  # a bucket of one second's worth
@@ -241,15 +237,73 @@ class _Server:
             raise RateLimited(f"more than {rate:g} requests per second from {client}; slow down")
         self._buckets[client] = (tokens - 1, now)
 
-    def check_admin(self, request: Request) -> None:
+    def check_admin(self, authorization: str | None) -> None:
         token = self.config.admin_token
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
+        scheme, _, given = (authorization or "").partition(" ")
         if token is None or scheme.lower() != "bearer" or not hmac.compare_digest(given, token):
             raise Unauthorized("admin calls need 'Authorization: Bearer <admin token>'")
 
 
-def create_app(config: ServerConfig | None = None) -> Starlette:
+Reply = tuple[int, bytes, list[tuple[bytes, bytes]] | None]
+
+
+class _RawRoute:
+    """A prediction route as a bare ASGI app: rate limit, errors, metrics, access log."""
+
+    def __init__(self, server: _Server, route: str, handler: Callable[[Call], Any]) -> None:
+        self.server, self.route, self.handler = server, route, handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        call = Call(scope, receive)
+        server = self.server
+        try:
+            server.check_rate(call.client_host)
+            reply: Reply = await self.handler(call)
+        except ClientGone:
+            return
+        except TinyServeError as exc:
+            reply = error_reply(exc)
+        except Exception as exc:  # a bug: answer 500, log it, keep serving
+            log.exception("unhandled error on %s", self.route)
+            reply = error_reply(ModelError(f"internal error: {type(exc).__name__}"))
+        status, body, headers = reply
+        await send_raw(send, status, body, headers)
+        seconds = time.perf_counter() - started
+        model = call.model or call.path_params.get("model")
+        server.metrics.observe_request(self.route, status, seconds, model)
+        if server.config.access_log:
+            log_access(call.method, call.path, status, seconds, call.client_host)
+
+
+class App:
+    """The server's ASGI app: prediction POSTs go straight to their ``_RawRoute``; every
+    other request, and the lifespan, to the Starlette app behind it (which has the same raw
+    routes too, for the paths and methods this shortcut does not match)."""
+
+    def __init__(self, router: Starlette, exact: dict[str, _RawRoute],
+                 per_model: dict[str, _RawRoute]) -> None:  # fmt: skip
+        self.router = router
+        self.state = router.state
+        self._exact = exact
+        self._per_model = per_model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            route = self._exact.get(path)
+            if route is None and path.startswith("/v1/models/"):
+                name, _, rest = path[len("/v1/models/") :].partition("/")
+                route = self._per_model.get(rest) if name else None
+                if route is not None:
+                    scope["path_params"] = {"model": name}
+            if route is not None:
+                await route(scope, receive, send)
+                return
+        await self.router(scope, receive, send)
+
+
+def create_app(config: ServerConfig | None = None) -> App:
     """Build the ASGI app; models load in its lifespan."""
     config = config or ServerConfig()
     server = _Server(config)
@@ -258,8 +312,9 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     def instrument(route: str, handler: Callable[[Request], Any], model_route: bool = True) -> Any:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
+            client = request.client.host if request.client else None
             try:
-                server.check_rate(request)
+                server.check_rate(client)
                 response: Response = await handler(request)
             except TinyServeError as exc:
                 response = error_response(exc)
@@ -271,33 +326,23 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
                 response = error_response(ModelError(f"internal error: {type(exc).__name__}"))
             seconds = time.perf_counter() - started
             if model_route:
-                model = getattr(request.state, "model", None) or request.path_params.get("model")
+                model = request.path_params.get("model")
                 metrics.observe_request(route, response.status_code, seconds, model)
             else:
                 metrics.count_request(route, response.status_code)
             if config.access_log:
-                access_log.info(
-                    orjson.dumps(
-                        {
-                            "method": request.method,
-                            "path": request.url.path,
-                            "status": response.status_code,
-                            "ms": round(seconds * 1000, 3),
-                            "client": request.client.host if request.client else None,
-                        }
-                    ).decode()
-                )
+                log_access(request.method, request.url.path, response.status_code, seconds, client)
             return response
 
         return endpoint
 
-    async def predict(request: Request) -> Response:
+    async def predict(call: Call) -> Reply:
         t0 = time.perf_counter()
-        model = server.model_for(request)
-        parsed = await server.parse(request, batch=False)
+        model = server.model_for(call)
+        parsed = await server.parse(call, batch=False)
         if len(parsed.images) != 1:
             raise InvalidParameter("send exactly one image here; use /predict/batch for several")
-        top_k = server.top_k(request, parsed, model)
+        top_k = server.top_k(call, parsed, model)
         pixels = await server.decode(parsed.images[0].data, model)
         t1 = time.perf_counter()
         logits, timing = await model.infer_one(pixels)
@@ -310,7 +355,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             {"label": p.label, "class_id": p.class_id, "confidence": p.confidence} for p in ranked
         ]
         total_ms = round(total * 1000, 3)
-        return _json(
+        return _reply(
             {
                 "model": model.name,
                 "version": model.version,
@@ -328,10 +373,10 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             }
         )
 
-    async def predict_batch(request: Request) -> Response:
+    async def predict_batch(call: Call) -> Reply:
         t0 = time.perf_counter()
-        model = server.model_for(request)
-        parsed = await server.parse(request, batch=True)
+        model = server.model_for(call)
+        parsed = await server.parse(call, batch=True)
         if not parsed.images:
             raise InvalidParameter("the batch is empty")
         if len(parsed.images) > config.max_batch_images:
@@ -339,7 +384,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
                 f"{len(parsed.images)} images in one request; the limit is "
                 f"{config.max_batch_images}"
             )
-        top_k = server.top_k(request, parsed, model)
+        top_k = server.top_k(call, parsed, model)
         decoded = await asyncio.gather(
             *(server.decode(u.data, model) for u in parsed.images), return_exceptions=True
         )
@@ -370,7 +415,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         total = time.perf_counter() - t0
         queue = max((t.queue for _, t in outputs), default=0.0)
         inference = sum({t.batch_id: t.inference for _, t in outputs}.values())
-        return _json(
+        return _reply(
             {
                 "model": model.name,
                 "version": model.version,
@@ -457,7 +502,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         return _json(metrics.stats())
 
     async def reload(request: Request) -> Response:
-        server.check_admin(request)
+        server.check_admin(request.headers.get("authorization"))
         name = request.path_params.get("model") or registry.default_name
         if not (config.repo / name).is_dir():
             raise ModelNotFound(f"no model folder {name!r} in {config.repo}")
@@ -487,15 +532,21 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     def get(path: str, handler: Callable[[Request], Any], counted: bool = False) -> Route:
         return Route(path, instrument(path, handler, model_route=counted), methods=["GET"])
 
-    routes = [
-        post("/v1/models/{model}/predict", predict),
-        post("/v1/models/{model}/predict/batch", predict_batch),
+    raw = {
+        path: _RawRoute(server, path, handler)
+        for path, handler in [
+            ("/v1/models/{model}/predict", predict),
+            ("/v1/models/{model}/predict/batch", predict_batch),
+            ("/predict", predict),
+            ("/predict/batch", predict_batch),
+            ("/infer", predict),
+            ("/infer/batch", predict_batch),
+        ]
+    }
+    routes = [Route(path, route, methods=["POST"]) for path, route in raw.items()]
+    routes += [
         get("/v1/models", list_models),
         get("/v1/models/{model}", model_info),
-        post("/predict", predict),
-        post("/predict/batch", predict_batch),
-        post("/infer", predict),
-        post("/infer/batch", predict_batch),
         get("/model/info", model_info),
         get("/health", health),
         get("/health/live", live),
@@ -513,7 +564,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         ]
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
         server.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(server.decode_pool, warm_decoders)
@@ -535,13 +586,16 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             message = f"no route {request.method} {request.url.path}; see /docs"
         return _json({"error": {"code": "http_error", "message": message}}, status)
 
-    app = Starlette(
+    router = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: not_found},
     )
-    app.state.server = server
-    return app
+    router.state.server = server
+    prefix = "/v1/models/{model}/"
+    exact = {path: route for path, route in raw.items() if not path.startswith(prefix)}
+    per_model = {p[len(prefix) :]: route for p, route in raw.items() if p.startswith(prefix)}
+    return App(router, exact, per_model)
 
 
 def warm_decoders() -> None:
@@ -555,12 +609,26 @@ def warm_decoders() -> None:
         decode_image(buffer.getvalue(), InputSpec(4, 4, 3, "RGB"))
 
 
-def error_response(exc: TinyServeError) -> Response:
-    status = status_for(exc)
+def error_reply(exc: TinyServeError) -> Reply:
+    """Status, JSON body and extra headers for an error, on every route of the REST API."""
     headers = None
     if isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-    return _json({"error": {"code": exc.code, "message": exc.message}}, status, headers)
+        retry = str(max(1, round(exc.retry_after))).encode()
+        headers = [(b"retry-after", retry)]
+    body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+    return status_for(exc), body, headers
+
+
+def error_response(exc: TinyServeError) -> Response:
+    status, body, headers = error_reply(exc)
+    response = Response(body, status_code=status, media_type="application/json")
+    for name, value in headers or ():
+        response.headers[name.decode()] = value.decode()
+    return response
+
+
+def _reply(data: Any) -> Reply:
+    return 200, orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), None
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -645,4 +713,4 @@ def _log_reload(task: asyncio.Task[dict[str, str | None]]) -> None:
             log.info("reloaded %s", name)
 
 
-__all__: Sequence[str] = ["ServerConfig", "create_app", "status_for"]
+__all__: Sequence[str] = ["App", "ServerConfig", "create_app", "status_for"]

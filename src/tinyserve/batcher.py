@@ -6,6 +6,11 @@ has passed since the first, skips callers that have gone, stacks the pixels and 
 inference in the batcher's own thread (ONNX Runtime releases the GIL), then resolves each
 future with its row. While a batch runs, new requests queue up, so batches grow with load
 even when ``max_delay_ms`` is 0. A full queue fails at once with ``Overloaded``.
+
+A lone request for a model that runs one image in under ``inline_ms`` runs on the event
+loop's own thread instead: at low load the two hand-offs to and from the inference thread
+cost more than the inference. The loop is then busy for at most about ``inline_ms``, and
+anything that arrives meanwhile forms the next batch, which goes to the thread.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class BatchConfig:
     max_delay_ms: float = 0.0
     max_queue: int = 512
     timeout_s: float = 30.0
+    inline_ms: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -43,6 +49,8 @@ class BatchConfig:
             raise ValueError(f"max_queue must be at least 1, got {self.max_queue}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.inline_ms < 0:
+            raise ValueError(f"inline_ms must be >= 0, got {self.inline_ms}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class Batcher:
         self._inflight = 0
         self._closing = False
         self._batches = 0
+        self._single_s = float("inf")  # recent time of a one-image inference, in seconds
 
     @property
     def depth(self) -> int:
@@ -102,7 +111,9 @@ class Batcher:
         """Run ``pixels`` through the inference thread, outside the metrics."""
         loop = asyncio.get_running_loop()
         for _ in range(runs):
+            started = time.perf_counter()
             await loop.run_in_executor(self._thread, self.infer, pixels[None])
+            self._single_s = time.perf_counter() - started  # the last (warmest) run counts
 
     async def submit(self, pixels: Pixels) -> tuple[Logits, BatchTiming]:
         """Logits row for one image, once its batch has run."""
@@ -137,14 +148,18 @@ class Batcher:
     async def _wait(
         self, future: asyncio.Future[tuple[Logits, BatchTiming]]
     ) -> tuple[Logits, BatchTiming]:
-        # wait_for cancels the future on timeout or when the caller goes away, and the
-        # batching loop then skips it if its batch has not run yet.
+        # On timeout the future fails; when the caller goes away it is cancelled. Either way
+        # it is done, and the batching loop skips it if its batch has not run yet.
+        timer = asyncio.get_running_loop().call_later(self.config.timeout_s, self._expire, future)
         try:
-            return await asyncio.wait_for(future, self.config.timeout_s)
-        except TimeoutError:
-            raise InferenceTimeout(
-                f"{self.name} did not answer within {self.config.timeout_s:g}s"
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future[tuple[Logits, BatchTiming]]) -> None:
+        if not future.done():
+            message = f"{self.name} did not answer within {self.config.timeout_s:g}s"
+            future.set_exception(InferenceTimeout(message))
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -172,9 +187,13 @@ class Batcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         started = time.perf_counter()
+        inline = len(items) == 1 and self._single_s * 1000 <= self.config.inline_ms
         try:
             batch = np.stack([item.pixels for item in items])
-            logits = await loop.run_in_executor(self._thread, self.infer, batch)
+            if inline:
+                logits = self.infer(batch)
+            else:
+                logits = await loop.run_in_executor(self._thread, self.infer, batch)
             if len(logits) != len(items):
                 raise ModelError(
                     f"{self.name} returned {len(logits)} outputs for a batch of {len(items)}"
@@ -186,6 +205,8 @@ class Batcher:
             self._inflight -= len(items)
             return
         inference = time.perf_counter() - started
+        if len(items) == 1:
+            self._single_s = 0.8 * self._single_s + 0.2 * inference if inline else inference
         self._batches += 1
         waits = [started - item.enqueued for item in items]
         for item, row, wait in zip(items, logits, waits, strict=True):

@@ -402,6 +402,14 @@ def serve(
     timeout: Annotated[
         float, typer.Option(help="Per-request deadline in seconds.", envvar="TINYSERVE_TIMEOUT")
     ] = 30.0,
+    inline_ms: Annotated[
+        float,
+        typer.Option(
+            help="Run a lone request on the event loop thread when the model answers one image "
+            "within this many ms (skips two thread hand-offs at low load; 0: never).",
+            envvar="TINYSERVE_INLINE_MS",
+        ),
+    ] = 1.0,
     threads: Annotated[
         int,
         typer.Option(
@@ -478,6 +486,7 @@ def serve(
             max_batch_size=max_batch_size,
             max_delay_ms=max_delay_ms,
             max_queue=max_queue,
+            inline_ms=inline_ms,
             timeout_s=timeout,
         ),
         limits=_config(

@@ -136,14 +136,10 @@ def top_predictions(
     if top_k < 1:
         raise InvalidParameter(f"top_k must be at least 1, got {top_k}")
     k = min(top_k, probabilities.shape[1])
-    if k < probabilities.shape[1]:
-        part = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
-    else:
-        part = np.tile(np.arange(k), (probabilities.shape[0], 1))
-    rows = np.arange(probabilities.shape[0])[:, None]
-    order = np.argsort(-probabilities[rows, part], axis=1, kind="stable")
-    best = part[rows, order]
+    # A stable sort of every row: the best first, ties to the lower class id.
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(probabilities, best, axis=1)
     return [
-        [Prediction(labels[int(c)], int(c), float(probabilities[i, c])) for c in best[i]]
-        for i in range(len(best))
+        [Prediction(labels[c], c, p) for c, p in zip(ids, row, strict=True)]
+        for ids, row in zip(best.tolist(), values.tolist(), strict=True)
     ]

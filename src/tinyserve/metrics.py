@@ -103,11 +103,20 @@ class Metrics:
         self._latency_sum = 0.0
         self._per_model: dict[str, list[float]] = {}
         self._versions: dict[tuple[str, str], InferenceStats] = {}
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._stage_children: dict[str, tuple[Any, ...]] = {}
 
     def observe_request(self, route: str, status: int, seconds: float, model: str | None) -> None:
         """Record one finished prediction request (health and metrics scrapes are not counted)."""
-        self.requests.labels(route, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        children = self._request_children.get((route, status))
+        if children is None:  # label lookups cost more than the observation; keep the children
+            children = (
+                self.requests.labels(route, str(status)),
+                self.request_seconds.labels(route),
+            )
+            self._request_children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         with self._lock:
             self._total += 1
             self._latency_sum += seconds
@@ -127,11 +136,12 @@ class Metrics:
 
     def observe_stages(self, model: str, decode: float, queue: float, inference: float,
                        total: float) -> None:  # fmt: skip
-        stage = self.stage_seconds
-        stage.labels(model, "decode").observe(decode)
-        stage.labels(model, "queue").observe(queue)
-        stage.labels(model, "inference").observe(inference)
-        stage.labels(model, "total").observe(total)
+        children = self._stage_children.get(model)
+        if children is None:
+            children = tuple(self.stage_seconds.labels(model, stage) for stage in STAGES)
+            self._stage_children[model] = children
+        for child, seconds in zip(children, (decode, queue, inference, total), strict=True):
+            child.observe(seconds)
 
     def batch_observer(self, model: str, version: int | None = None) -> Any:
         """A callback for ``Batcher(observer=...)`` that records batch sizes (and, given a

@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tinyserve import __version__
+from tinyserve.asgi import log_access
 from tinyserve.engine import Logits
 from tinyserve.errors import InvalidParameter, ModelNotFound, TinyServeError
 from tinyserve.imaging import Pixels
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from tinyserve.app import _Server
 
 log = logging.getLogger("tinyserve")
-access_log = logging.getLogger("tinyserve.access")
 
 PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = "inference-header-content-length"
@@ -98,7 +98,7 @@ class _V2:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
-                self.server.check_rate(request)
+                self.server.check_rate(request.client.host if request.client else None)
                 response = await handler(request)
             except TinyServeError as exc:
                 response = error_response(exc)
@@ -112,14 +112,8 @@ class _V2:
             else:
                 self.metrics.count_request(route, response.status_code)
             if self.config.access_log:
-                line = {
-                    "method": request.method,
-                    "path": request.url.path,
-                    "status": response.status_code,
-                    "ms": round(seconds * 1000, 3),
-                    "client": request.client.host if request.client else None,
-                }
-                access_log.info(orjson.dumps(line).decode())
+                client = request.client.host if request.client else None
+                log_access(request.method, request.url.path, response.status_code, seconds, client)
             return response
 
         return endpoint
@@ -271,7 +265,7 @@ class _V2:
         t0 = time.perf_counter()
         model = self._model(request)
         body = decompress(
-            await self.server.read_body(request),
+            await self.server.read_body(request.receive, request.headers.get("content-length")),
             request.headers.get("content-encoding", ""),
             self.config.max_body_bytes,
         )
@@ -321,9 +315,9 @@ class _V2:
     # -- repository -----------------------------------------------------------------------
 
     async def repository_index(self, request: Request) -> Response:
-        self.server.check_admin(request)
+        self.server.check_admin(request.headers.get("authorization"))
         ready_only = False
-        body = await self.server.read_body(request)
+        body = await self.server.read_body(request.receive, request.headers.get("content-length"))
         if body.strip():
             options = json_object(body, "the repository index request")
             ready_only = options.get("ready") is True
@@ -338,7 +332,7 @@ class _V2:
         return _json(index)
 
     async def load(self, request: Request) -> Response:
-        self.server.check_admin(request)
+        self.server.check_admin(request.headers.get("authorization"))
         name = request.path_params["model"]
         if not (self.config.repo / name).is_dir():
             raise ModelNotFound(f"no model folder {name!r} in {self.config.repo}")
@@ -346,7 +340,7 @@ class _V2:
         return Response(status_code=200)
 
     async def unload(self, request: Request) -> Response:
-        self.server.check_admin(request)
+        self.server.check_admin(request.headers.get("authorization"))
         await self.registry.unload(request.path_params["model"])
         return Response(status_code=200)
 
