@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,11 @@ def running(
 ) -> Iterator[None]:
     """Start a server, wait until ``probe`` answers 200 to ``body``, stop it afterwards."""
     log = open(os.devnull, "w")  # closed in the finally block below
-    process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=ROOT)
+    # A session of its own, so that stopping it stops every worker process it started too
+    # (LitServe's inference workers outlive a terminated parent and keep using the CPU).
+    process = subprocess.Popen(
+        cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=ROOT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -85,13 +90,28 @@ def running(
             time.sleep(0.2)
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_group(process)
         log.close()
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL whatever is left of it after 30 s."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def load(url: str, image: Path, body: str, args: argparse.Namespace) -> list[dict[str, Any]]:
