@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install data run test lint typecheck pytest format bench-compare clean
+.PHONY: help install data run test lint typecheck pytest format bench bench-compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,8 +29,8 @@ run: install  ## serve the bundled model and classify the samples through it (ON
 test: install lint typecheck pytest  ## ruff, mypy and the whole pytest suite
 
 lint: $(STAMP)  ## ruff check and ruff format --check
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
 
 typecheck: $(STAMP)  ## mypy --strict on src/
 	$(BIN)/mypy
@@ -39,12 +39,21 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q
 
 format: $(STAMP)  ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests scripts
-	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts benchmarks
+	$(BIN)/ruff format src tests scripts benchmarks
 
 bench-compare: install  ## tinyserve vs FastAPI, LitServe and bare ONNX Runtime (about 25 minutes)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python benchmarks/compare_servers.py --reps 3 --duration 5 --out runs/compare-servers
+
+bench: bench-compare  ## every performance check of benchmarks/RESULTS.md (about 35 minutes)
+	@mkdir -p runs/bench
+	$(BIN)/tinyserve bench http noop --image samples/fashion/0000_ankle-boot.png \
+		--concurrency 1,8,32,64 --warmup 1 --duration 5 --json > runs/bench/loadgen-capacity.json
+	$(BIN)/python benchmarks/server_cold_start.py --runs 10 | tee runs/bench/cold-start.txt
+	$(BIN)/python benchmarks/large_photo_decode.py --runs 15 | tee runs/bench/large-photo.md
+	$(BIN)/tinyserve bench model models/fashion-cnn --batch-sizes 1,8,32,256 --threads 1,2 \
+		--json > runs/bench/engine-fashion-cnn.json
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -178,7 +178,8 @@ def probe_body(kind: str, image: Path) -> dict[str, Any]:
 
 def run_model(name: str, repo: Path, image: Path, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"model": name, "image": str(image), "servers": {}}
-    for server in servers(repo, name, args):
+    wanted = set(args.servers.split(","))
+    for server in [s for s in servers(repo, name, args) if s["name"] in wanted]:
         port = free_port()
         cmd = list(server["cmd"])
         if server["name"].startswith("tinyserve"):
@@ -228,6 +229,11 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
                     f"| {name} | {data['body']} | {c} | {row['rps']:,.0f} | {ratio:.2f} | "
                     f"{row['p50']:.2f} | {row['p99']:.2f} | {row['errors']} |"
                 )
+        best_bare = max(row["throughput_ips"] for row in result["bare_ort"])
+        share = ", ".join(
+            f"c={c}: {row['rps'] / best_bare:.0%}" for c, row in base.items() if best_bare
+        )
+        lines.append(f"\ntinyserve's requests/s as a share of the best bare-ORT images/s: {share}")
         lines.append("\nBare ONNX Runtime on the same model (2 threads, no HTTP):\n")
         lines.append("| batch | images/s | p50 ms per batch |\n|---:|---:|---:|")
         for row in result["bare_ort"]:
@@ -248,7 +254,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--servers",
+        default="tinyserve,tinyserve (json),fastapi,litserve",
+        help="Which servers to run, comma-separated (tinyserve is the reference for ratios).",
+    )
     args = parser.parse_args()
+    if "tinyserve" not in args.servers.split(","):
+        parser.error("--servers must include tinyserve, the reference of every ratio")
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.models.split(","):

@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,12 +54,14 @@ def one_run(repo: Path, image: bytes, requests: int, extra: list[str]) -> dict[s
     port = free_port()
     cmd = [sys.executable, "-m", "tinyserve", "serve", "--repo", str(repo), "--port", str(port),
            "--log-level", "warning", *extra]  # fmt: skip
+    log = tempfile.TemporaryFile()  # closed in the finally block below
     started = time.perf_counter()
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     try:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                log.seek(0)
+                raise RuntimeError(f"the server exited: {log.read().decode()[-2000:]}")
             try:
                 if predict(port, image) == 200:
                     break
@@ -75,6 +78,7 @@ def one_run(repo: Path, image: bytes, requests: int, extra: list[str]) -> dict[s
     finally:
         process.terminate()
         process.wait(30)
+        log.close()
     return {"cold_start_s": cold, "rss_mb": rss, "peak_rss_mb": peak}
 
 

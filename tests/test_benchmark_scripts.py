@@ -1,0 +1,92 @@
+"""The scripts in benchmarks/ run and measure what they say (small sizes; no timing claims)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BUNDLED_MODEL
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import compare_servers  # noqa: E402
+import large_photo_decode  # noqa: E402
+import server_cold_start  # noqa: E402
+
+
+def test_large_photo_paths_agree_and_are_timed() -> None:
+    photo = large_photo_decode.make_photo(
+        BENCHMARKS.parent / "samples/photos/cat.png", (1600, 1200), 90, grain=3
+    )
+    result = large_photo_decode.measure(photo, runs=1)
+    assert result["bytes"] == len(photo)
+    assert result["plain_pil_ms"] > 0 and result["tinyserve_ms"] > 0
+    assert result["speedup"] == pytest.approx(
+        result["plain_pil_ms"] / result["tinyserve_ms"], rel=0.02
+    )
+    # the draft-mode picture is the same picture: a fraction of a grey level apart on average
+    assert result["mean_abs_pixel_difference"] < 2.0
+
+
+@pytest.mark.slow
+def test_cold_start_reaches_a_prediction_and_reads_memory(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "fashion-cnn").symlink_to(BUNDLED_MODEL)
+    image = next((BENCHMARKS.parent / "samples/fashion").glob("*.png")).read_bytes()
+    run = server_cold_start.one_run(repo, image, requests=20, extra=["--threads", "1"])
+    assert 0 < run["cold_start_s"] < 60
+    assert 20 < run["rss_mb"] <= run["peak_rss_mb"] < 2000
+
+
+def test_stopping_a_server_stops_the_workers_it_started() -> None:
+    # a parent that leaves a grandchild behind, as LitServe's workers do
+    process = subprocess.Popen(
+        ["sh", "-c", "sleep 60 & echo $!; wait"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    with process.stdout:
+        worker = int(process.stdout.readline())
+    compare_servers.stop_group(process)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the worker outlived its server")
+
+
+def test_comparison_table_gives_ratios_and_the_bare_ort_share() -> None:
+    def rep(rps: float) -> list[dict[str, object]]:
+        return [
+            {"concurrency": 32, "ok_rps": rps, "requests": 10, "ok": 10,
+             "latency_ms": {"p50": 1.0, "p99": 2.0}}
+        ]  # fmt: skip
+
+    results = [
+        {
+            "model": "m",
+            "image": "x.png",
+            "servers": {
+                "tinyserve": {"body": "multipart", "reps": [rep(90), rep(100), rep(110)]},
+                "fastapi": {"body": "multipart", "reps": [rep(40), rep(50), rep(60)]},
+            },
+            "bare_ort": [{"batch_size": 32, "throughput_ips": 120.0, "latency_ms": {"p50": 5.0}}],
+        }
+    ]
+    text = compare_servers.markdown(results)
+    assert "| tinyserve | multipart | 32 | 100 | 1.00 |" in text
+    assert "| fastapi | multipart | 32 | 50 | 0.50 |" in text
+    assert "c=32: 83%" in text
