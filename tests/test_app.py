@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -389,11 +387,3 @@ def test_shortcut_and_router_give_the_same_answers(client: TestClient) -> None:
     assert client.post("/v1/models//predict", content=BOOT).status_code == 404
     stats = client.get("/stats").json()
     assert stats["models"]["fashion-cnn"]["total_requests"] >= 3  # the shortcut is counted
-
-
-def test_decode_threads_run_nicer_than_inference(client: TestClient) -> None:
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    pool = client.app.state.server.decode_pool  # type: ignore[attr-defined]
-    assert pool.submit(niceness).result() == niceness() + 10

@@ -13,9 +13,7 @@ import contextlib
 import hmac
 import io
 import logging
-import os
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -106,9 +104,6 @@ class ServerConfig:
     max_batch_images: int = 64
     default_top_k: int = 5
     decode_threads: int = 2
-    # Decode threads run this much nicer than the rest (Linux): when photos are decoded while
-    # a batch runs, the inference threads keep their cores and no intra-op thread straggles.
-    decode_niceness: int = 10
     inline_decode_bytes: int = 16 * 1024
     admin_token: str | None = None
     rate_limit: float = 0.0
@@ -120,8 +115,6 @@ class ServerConfig:
             raise ValueError("max_body_bytes and max_batch_images must be positive")
         if self.default_top_k < 1:
             raise ValueError(f"default_top_k must be at least 1, got {self.default_top_k}")
-        if not 0 <= self.decode_niceness <= 19:
-            raise ValueError(f"decode_niceness must be 0-19, got {self.decode_niceness}")
         if self.decode_threads < 1:
             raise ValueError(f"decode_threads must be at least 1, got {self.decode_threads}")
         if self.rate_limit < 0 or self.drain_timeout_s < 0:
@@ -572,12 +565,7 @@ def create_app(config: ServerConfig | None = None) -> App:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        server.decode_pool = ThreadPoolExecutor(
-            config.decode_threads,
-            thread_name_prefix="decode",
-            initializer=_be_nicer,
-            initargs=(config.decode_niceness,),
-        )
+        server.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         loop = asyncio.get_running_loop()
         # Pillow's warm-up and the models' loading (mostly outside the GIL) overlap.
         await asyncio.gather(
@@ -631,15 +619,6 @@ def warm_decoders() -> None:
         buffer = io.BytesIO()
         Image.new("RGB", (8, 8)).save(buffer, fmt)
         decode_image(buffer.getvalue(), InputSpec(4, 4, 3, "RGB"))
-
-
-def _be_nicer(niceness: int) -> None:
-    """Lower the calling thread's scheduling priority (Linux sets niceness per thread)."""
-    if niceness <= 0 or not hasattr(os, "setpriority"):
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
 
 
 def error_reply(exc: TinyServeError) -> Reply:

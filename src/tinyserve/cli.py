@@ -427,16 +427,6 @@ def serve(
     decode_threads: Annotated[
         int, typer.Option(help="Threads decoding large images.", envvar="TINYSERVE_DECODE_THREADS")
     ] = 2,
-    decode_niceness: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            max=19,
-            help="How much lower the decode threads' CPU priority is than inference's "
-            "(Linux; 0: the same).",
-            envvar="TINYSERVE_DECODE_NICENESS",
-        ),
-    ] = 10,
     max_body_mb: Annotated[
         float, typer.Option(help="Largest request body.", envvar="TINYSERVE_MAX_BODY_MB")
     ] = 64.0,
@@ -504,7 +494,6 @@ def serve(
         ),
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         decode_threads=decode_threads,
-        decode_niceness=decode_niceness,
         admin_token=admin_token,
         rate_limit=rate_limit,
         drain_timeout_s=drain_timeout,
