@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import shutil
@@ -16,7 +17,9 @@ from starlette.testclient import TestClient
 
 from conftest import BUNDLED_MODEL, SAMPLES, color_image, png_claiming_size
 from tinyserve.batcher import BatchConfig
+from tinyserve.errors import ModelNotReady
 from tinyserve.imaging import ImageLimits
+from tinyserve.registry import ModelRegistry
 from tinyserve.repository import resolve
 
 TOKEN = "s3cret-token"
@@ -353,6 +356,30 @@ def test_reload_swaps_in_a_new_version_and_refuses_a_broken_one(
     again = client.post("/predict", content=red)
     assert again.status_code == 200 and again.json()["version"] == 2
     assert client.get("/health/ready").status_code == 200
+
+
+def test_a_request_caught_by_a_reload_runs_on_the_new_version(repo: Path, tmp_path: Path) -> None:
+    """A request looks its model up, then reads its body; a reload may land in between."""
+    local = tmp_path / "repo"
+    shutil.copytree(repo / "colors", local / "colors")
+
+    async def scenario() -> None:
+        registry = ModelRegistry(local)
+        await registry.load_all()
+        picked = registry.get("colors")  # looked up, body not read yet
+        shutil.copytree(local / "colors" / "1", local / "colors" / "2")
+        await registry.load("colors")  # the old version is retired and drains
+        await asyncio.sleep(0.05)
+        assert picked.batcher.closing
+        with pytest.raises(ModelNotReady):
+            await picked.infer_one(np.zeros(picked.manifest.input.shape, np.uint8))
+        live = picked.live()
+        assert live is registry.get("colors") and live.version == 2
+        logits, _ = await live.infer_one(np.zeros(live.manifest.input.shape, np.uint8))
+        assert logits.shape == (live.manifest.num_classes,)
+        await registry.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_broken_model_is_reported_and_others_still_serve(

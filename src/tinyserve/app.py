@@ -345,6 +345,7 @@ def create_app(config: ServerConfig | None = None) -> App:
         top_k = server.top_k(call, parsed, model)
         pixels = await server.decode(parsed.images[0].data, model)
         t1 = time.perf_counter()
+        model = model.live()
         logits, timing = await model.infer_one(pixels)
         ranked = top_predictions(softmax(logits[None, :]), model.manifest.labels, top_k)[0]
         total = time.perf_counter() - t0
@@ -393,6 +394,7 @@ def create_app(config: ServerConfig | None = None) -> App:
         for d in decoded:
             if isinstance(d, BaseException) and not isinstance(d, InputError):
                 raise d
+        model = model.live()
         outputs = await model.infer_many([decoded[i] for i in good])  # type: ignore[misc]
         rows = np.stack([row for row, _ in outputs]) if outputs else np.empty((0, 1), np.float32)
         ranked = top_predictions(softmax(rows), model.manifest.labels, top_k) if outputs else []

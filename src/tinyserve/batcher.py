@@ -100,6 +100,11 @@ class Batcher:
         """Requests waiting or running."""
         return self._inflight
 
+    @property
+    def closing(self) -> bool:
+        """True once ``close`` has begun: new requests are refused."""
+        return self._closing
+
     def start(self) -> None:
         if self._task is None:
             self._queue = asyncio.Queue(self.config.max_queue)

@@ -40,10 +40,28 @@ class LoadedModel:
     engine: Engine
     batcher: Batcher
     loaded_at: float = field(default_factory=time.time)
+    successor: LoadedModel | None = None  # what a reload put in this version's place
 
     @property
     def manifest(self) -> Manifest:
         return self.engine.manifest
+
+    def live(self) -> LoadedModel:
+        """This version, or what replaced it if a reload retired it meanwhile.
+
+        A request looks its model up before reading and decoding its body; a reload in
+        between retires that version. Handlers call this just before submitting, with no
+        await in between, so such a request runs on the successor instead of failing.
+        """
+        model = self
+        while model.batcher.closing and model.successor is not None:
+            model = model.successor
+        if model is not self and model.manifest.input != self.manifest.input:
+            raise ModelNotReady(
+                f"{self.name} was reloaded with a different input while this request was "
+                "being read; send it again"
+            )
+        return model
 
     async def infer_one(self, pixels: Pixels) -> tuple[Logits, BatchTiming]:
         return await self.batcher.submit(pixels)
@@ -186,6 +204,7 @@ class ModelRegistry:
             self.metrics.model_load_seconds.labels(name).set(fresh[default].engine.load_seconds)
             if old is not None:
                 for version, loaded in old.versions.items():
+                    loaded.successor = fresh.get(version, fresh[default])
                     if version not in fresh:
                         self.metrics.model_loaded.labels(name, str(version)).set(0)
                     asyncio.get_running_loop().create_task(loaded.batcher.close())

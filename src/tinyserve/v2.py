@@ -277,6 +277,7 @@ class _V2:
             assert spec.pixels is not None
             rows = list(spec.pixels)
         t1 = time.perf_counter()
+        model = model.live()
         results = await model.infer_many(rows)
         t2 = time.perf_counter()
         logits: Logits = np.stack([row for row, _ in results]).astype(np.float32, copy=False)
