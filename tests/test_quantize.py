@@ -80,6 +80,26 @@ def test_each_mode_writes_a_loadable_version_with_lineage(
     assert (result.path.parent / "quantize_report.json").is_file()
 
 
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_weights_are_seven_bit_unless_full_range_is_asked(
+    repo: Path, image_folder: Path, reduce_range: bool
+) -> None:
+    config = QuantizeConfig(repo / "colors", data=str(image_folder), reduce_range=reduce_range)
+    result = quantize(config)
+    assert result.path is not None
+    assert read_manifest(result.path).source["optimization"]["reduce_range"] is reduce_range
+    graph = onnx.load(str(result.path)).graph
+    weights = [
+        onnx.numpy_helper.to_array(i)
+        for i in graph.initializer
+        if i.data_type == onnx.TensorProto.INT8
+    ]
+    largest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights if w.size > 1)
+    # Without VNNI, uint8 x int8 products are summed in saturating int16 pairs: 7-bit weights
+    # keep them exact, full-range ones reach +-127 and can overflow.
+    assert largest <= 64 if reduce_range else largest == 127
+
+
 def test_static_int8_is_qdq_and_keeps_preprocessing_in_float(
     repo: Path, image_folder: Path
 ) -> None:

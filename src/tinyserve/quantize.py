@@ -90,6 +90,9 @@ class QuantizeConfig:
     data_dir: Path | None = None
     calibration: Calibration = field(default_factory=Calibration)
     per_channel: bool = True
+    # 7-bit weights: x86 CPUs without VNNI multiply uint8 x int8 with an instruction that
+    # saturates 16-bit sums, so full-range weights lose accuracy there (and only there).
+    reduce_range: bool = True
     bar: AgreementBar = field(default_factory=AgreementBar)
     force: bool = False
     batch_size: int = 256
@@ -154,6 +157,7 @@ def quantize(config: QuantizeConfig, progress: bool = False) -> QuantizeResult:
             "method": method,
             "mode": config.mode,
             "per_channel": config.per_channel if config.mode != "fp16" else None,
+            "reduce_range": config.reduce_range if config.mode != "fp16" else None,
             "calibration": _calibration_record(config) if config.mode == "static" else None,
             "gate": {**asdict(gate), "passed": gate.passed, "forced": config.force},
             "onnxruntime": _ort_version(),
@@ -202,6 +206,7 @@ def convert(source: Path, target: Path, manifest: Manifest, config: QuantizeConf
             str(target),
             weight_type=QuantType.QUInt8,
             per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
             nodes_to_exclude=keep_float,
         )
         return "dynamic-int8"
@@ -217,6 +222,7 @@ def convert(source: Path, target: Path, manifest: Manifest, config: QuantizeConf
             per_channel=config.per_channel,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=config.reduce_range,
             calibrate_method=_calibration_method(config.calibration.method),
             nodes_to_exclude=keep_float,
             extra_options=_calibration_options(config.calibration),
