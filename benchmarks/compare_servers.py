@@ -255,6 +255,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument(
+        "--fashion-version", type=int, default=1, help="1: FP32, 2: INT8 (models/fashion-cnn)."
+    )
+    parser.add_argument(
         "--servers",
         default="tinyserve,tinyserve (json),fastapi,litserve",
         help="Which servers to run, comma-separated (tinyserve is the reference for ratios).",
@@ -266,11 +269,12 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         if name == "fashion-cnn":
-            # Version 1 (FP32) alone, so every server runs the very same file.
-            repo = args.out / "repo-fashion"
+            # One version alone (as version 1), so every server runs the very same file.
+            repo = args.out / f"repo-fashion-v{args.fashion_version}"
             if not (repo / name / "1" / "model.onnx").is_file():
                 (repo / name / "1").mkdir(parents=True)
-                shutil.copy(ROOT / "models/fashion-cnn/1/model.onnx", repo / name / "1")
+                source = ROOT / f"models/fashion-cnn/{args.fashion_version}/model.onnx"
+                shutil.copy(source, repo / name / "1")
             image = ROOT / "samples/fashion/0000_ankle-boot.png"
         elif name == "resnet50":
             repo, image = build_resnet50(args.out / "repo"), ROOT / "samples/photos/cat.png"
