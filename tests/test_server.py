@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from conftest import BUNDLED_MODEL, SAMPLES
 from tinyserve.engine import Engine
@@ -106,6 +108,12 @@ def test_serves_predictions_and_never_loads_torch(serve: Callable[..., Server]) 
     maps = Path(f"/proc/{server.process.pid}/maps").read_text()
     assert "libtorch" not in maps
     assert "site-packages/torch/" not in maps
+    # TIFF's Pillow plugin is not loaded at start-up; the first TIFF upload still decodes.
+    tiff = io.BytesIO()
+    Image.open(samples()[0]).save(tiff, "TIFF")
+    response = httpx.post(f"{server.url}/predict", content=tiff.getvalue())
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] == "Ankle boot"
 
 
 async def _fire(url: str, bodies: list[bytes], concurrency: int) -> list[httpx.Response]:

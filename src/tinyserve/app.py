@@ -603,17 +603,17 @@ def create_app(config: ServerConfig | None = None) -> App:
 
 
 def warm_decoders() -> None:
-    """Load the accepted formats' Pillow plugins and run the decoders once, before the first
+    """Load the common formats' Pillow plugins and run the decoders once, before the first
     request rather than during it."""
-    # Only the formats the server accepts: Image.init() would import every plugin (~40).
+    # Not Image.init(), which imports every plugin (~40). TIFF and MPO are left to the first
+    # such upload (Pillow finds them then): the TIFF plugin pulls in fractions and decimal,
+    # a tenth of a second of start-up on a slow core.
     from PIL import (  # noqa: F401
         BmpImagePlugin,
         GifImagePlugin,
         Image,
         JpegImagePlugin,
-        MpoImagePlugin,
         PngImagePlugin,
-        TiffImagePlugin,
         WebPImagePlugin,
     )
 

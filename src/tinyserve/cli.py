@@ -511,6 +511,7 @@ def serve(
         port=port,
         loop="auto",
         http="auto",
+        ws="none",  # no WebSocket routes; spares importing a WebSocket implementation
         access_log=False,
         log_level=log_level,
         timeout_graceful_shutdown=int(drain_timeout) or None,
