@@ -4,7 +4,8 @@ The repository (``repository.py``) says what is on disk; this registry holds wha
 memory: for each model name, the versions being served, each with its engine and batcher.
 A reload builds the new version beside the old one, warms it, swaps the dictionary entry in
 one step, and only then drains the old batcher, so requests in flight finish on the version
-they started on and a version that fails to load never replaces a working one.
+they started on (or, if they had not reached its queue yet, on its successor) and a version
+that fails to load never replaces a working one.
 """
 
 from __future__ import annotations
