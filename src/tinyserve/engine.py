@@ -35,9 +35,10 @@ class EngineConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     warmup_runs: int = 2
     warmup_batch_sizes: tuple[int, ...] = (1,)
-    # ORT's worker threads spin while waiting for work: good for a lone benchmark loop, bad
-    # for a server whose event loop and decoders need the same cores.
-    spin: bool = True
+    # Whether ORT's worker threads spin while waiting for work: good for a lone benchmark
+    # loop (which asks for it), bad for a server whose event loop and decoders need the
+    # same cores.
+    spin: bool = False
 
     def __post_init__(self) -> None:
         if self.intra_op_threads < 0 or self.inter_op_threads < 1:

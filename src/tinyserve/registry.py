@@ -6,6 +6,10 @@ A reload builds the new version beside the old one, warms it, swaps the dictiona
 one step, and only then drains the old batcher, so requests in flight finish on the version
 they started on (or, if they had not reached its queue yet, on its successor) and a version
 that fails to load never replaces a working one.
+
+Given ``model_path``, the registry serves that one model (a folder or an .onnx file) instead
+of the repository; given ``labels_path``, the default model's class names are replaced by the
+file's, once their count is checked against the model's outputs.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from tinyserve.batcher import BatchConfig, Batcher, BatchTiming
 from tinyserve.engine import Engine, EngineConfig, Logits
 from tinyserve.errors import ConfigError, ModelError, ModelNotFound, ModelNotReady
 from tinyserve.imaging import Pixels
-from tinyserve.manifest import Manifest
+from tinyserve.manifest import Manifest, read_labels
 from tinyserve.metrics import Metrics
-from tinyserve.repository import ModelConfig, discover, list_versions, version_path
+from tinyserve.repository import ModelConfig, discover, model_files, model_name
 
 log = logging.getLogger("tinyserve")
 
@@ -113,14 +117,23 @@ class ModelRegistry:
         batch_config: BatchConfig | None = None,
         metrics: Metrics | None = None,
         default_model: str | None = None,
+        *,
+        model_path: Path | None = None,
+        labels_path: Path | None = None,
     ) -> None:
         self.repo = repo
         self.engine_config = engine_config or EngineConfig()
         self.batch_config = batch_config or BatchConfig()
         self.metrics = metrics or Metrics()
+        self.model_path = model_path
+        self.labels_path = labels_path
         self._default_name = default_model
         self._models: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._labels: tuple[str, tuple[str, ...]] | None = None  # (model, class names)
+        # Old batchers draining after a reload: the loop keeps only weak references to
+        # tasks, so without this set one could be collected before it finishes.
+        self._closing: set[asyncio.Task[None]] = set()
         self.errors: dict[str, str] = {}
         self.ready = False
 
@@ -141,14 +154,31 @@ class ModelRegistry:
             "(/v1/models/NAME/predict) or start the server with --default-model"
         )
 
+    def on_disk(self) -> dict[str, Path]:
+        """What can be loaded, by name: the repository's model folders, or the one model."""
+        if self.model_path is None:
+            return discover(self.repo)
+        if not self.model_path.exists():
+            raise ConfigError(f"the model {self.model_path} (--model, MODEL_PATH) does not exist")
+        return {model_name(self.model_path): self.model_path}
+
     async def load_all(self) -> None:
         """Load every model in the repository; failures are recorded, not raised."""
-        folders = discover(self.repo)
+        folders = self.on_disk()
+        where = self.model_path or self.repo
         if self._default_name is not None and self._default_name not in folders:
             raise ConfigError(
-                f"--default-model {self._default_name!r} is not in {self.repo} "
+                f"--default-model {self._default_name!r} is not in {where} "
                 f"(found: {', '.join(folders) or 'nothing'})"
             )
+        if self.labels_path is not None:
+            relabelled = self._default_name or (next(iter(folders)) if len(folders) == 1 else None)
+            if relabelled is None:
+                raise ConfigError(
+                    f"--labels replaces the class names of one model, but {where} holds "
+                    f"several ({', '.join(folders)}); pick one with --default-model"
+                )
+            self._labels = (relabelled, read_labels(self.labels_path))
         for name in folders:
             try:
                 await self.load(name)
@@ -181,19 +211,20 @@ class ModelRegistry:
         """(Re)load ``name`` from disk; on success swap it in, else keep what was served."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            folder = self.repo / name
-            config = ModelConfig.read(folder)
-            available = list_versions(folder)
-            if not available:
-                raise ModelNotFound(f"{folder} holds no <version>/model.onnx")
-            wanted = _versions_to_serve(config, available, folder)
+            source = self._source(name)
+            config, files = model_files(source)
+            if not files:
+                raise ModelNotFound(f"{source} holds no <version>/model.onnx")
+            wanted = _versions_to_serve(config, sorted(files), source)
             default = config.version or max(wanted)
-            batching = _batch_config(self.batch_config, config.batching, folder)
+            batching = _batch_config(self.batch_config, config.batching, source)
             old = self._models.get(name)
             fresh: dict[int, LoadedModel] = {}
             try:
                 for version in wanted:
-                    fresh[version] = await self._load_version(name, version, batching)
+                    fresh[version] = await self._load_version(
+                        name, version, files[version], batching
+                    )
             except BaseException:
                 for loaded in fresh.values():
                     await loaded.batcher.close(0)
@@ -208,7 +239,9 @@ class ModelRegistry:
                     loaded.successor = fresh.get(version, fresh[default])
                     if version not in fresh:
                         self.metrics.model_loaded.labels(name, str(version)).set(0)
-                    asyncio.get_running_loop().create_task(loaded.batcher.close())
+                    task = asyncio.get_running_loop().create_task(loaded.batcher.close())
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
             log.info("serving %s versions %s (default %d)", name, sorted(fresh), default)
             return list(fresh.values())
 
@@ -223,7 +256,7 @@ class ModelRegistry:
     async def reload_all(self) -> dict[str, str | None]:
         """Reload every model on disk; returns each model's error, or None."""
         results: dict[str, str | None] = {}
-        for name in discover(self.repo):
+        for name in self.on_disk():
             try:
                 await self.load(name)
                 results[name] = None
@@ -237,9 +270,22 @@ class ModelRegistry:
         self._models.clear()
         self.ready = False
 
-    async def _load_version(self, name: str, version: int, batching: BatchConfig) -> LoadedModel:
-        path = version_path(self.repo / name, version)
+    def _source(self, name: str) -> Path:
+        """The folder (or, for ``--model``, the file) that ``name`` loads from."""
+        if self.model_path is None:
+            return self.repo / name
+        if name != model_name(self.model_path):
+            raise ModelNotFound(
+                f"only {model_name(self.model_path)!r} is served (from {self.model_path})"
+            )
+        return self.model_path
+
+    async def _load_version(
+        self, name: str, version: int, path: Path, batching: BatchConfig
+    ) -> LoadedModel:
         engine = await asyncio.to_thread(Engine, path, self.engine_config)
+        if self._labels is not None and self._labels[0] == name:
+            engine.manifest = _relabel(engine.manifest, self._labels[1], self.labels_path, path)
         label = f"{name}:{version}"
         observer = self.metrics.batch_observer(name, version)
         batcher = Batcher(engine.infer, batching, label, observer)
@@ -247,6 +293,17 @@ class ModelRegistry:
         # Warm the inference thread itself: the first run on a new thread is slow.
         await batcher.warmup(np.zeros(engine.manifest.input.shape, dtype=np.uint8))
         return LoadedModel(name, version, path, engine, batcher)
+
+
+def _relabel(
+    manifest: Manifest, labels: tuple[str, ...], labels_path: Path | None, model: Path
+) -> Manifest:
+    if len(labels) != manifest.num_classes:
+        raise ConfigError(
+            f"{labels_path} has {len(labels)} class names but {model} has "
+            f"{manifest.num_classes} classes; give one name per class, in class-index order"
+        )
+    return replace(manifest, labels=labels).with_source(labels_file=str(labels_path))
 
 
 def _versions_to_serve(config: ModelConfig, available: list[int], folder: Path) -> list[int]:

@@ -5,6 +5,9 @@ served unless ``config.toml`` pins one (``version = 1``); ``versions = "all"`` o
 ``versions = [1, 2]`` makes the server load several versions side by side (requests pick
 one with ``?version=N``). A ``[batching]`` table overrides the server's batching settings
 for this model (``max_batch_size``, ``max_delay_ms``, ``max_queue``, ``timeout_s``).
+
+A server may also be given one model instead of a repository (``tinyserve serve --model``):
+a model folder, or a single .onnx file. ``model_name`` and ``model_files`` describe either.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +146,32 @@ def resolve(target: str | Path, version: int | None = None) -> ModelRef:
             f"{', '.join(map(str, versions))}"
         )
     return ModelRef(path.name, chosen, version_path(path, chosen))
+
+
+def model_name(path: Path) -> str:
+    """The name one model path is served under: the model folder's (``NAME`` for
+    ``NAME/`` and ``NAME/3/model.onnx``), else the file's stem."""
+    if path.is_file():
+        name = path.parent.parent.name if path.parent.name.isdigit() else path.stem
+    else:
+        name = path.resolve().name
+    return validate_name(name)
+
+
+def model_files(source: Path) -> tuple[ModelConfig, dict[int, Path]]:
+    """A model's config.toml and its model file per version, from its folder or one file.
+
+    A file in a version folder (``NAME/3/model.onnx``) is that version alone, with the
+    ``[batching]`` of ``NAME/config.toml``; any other .onnx file is version 1.
+    """
+    if source.is_file():
+        if not (source.parent.name.isdigit() and int(source.parent.name) > 0):
+            return ModelConfig(), {1: source}
+        version = int(source.parent.name)
+        config = replace(ModelConfig.read(source.parent.parent), version=version, versions=())
+        return config, {version: source}
+    config = ModelConfig.read(source)
+    return config, {v: version_path(source, v) for v in list_versions(source)}
 
 
 def discover(repo: Path) -> dict[str, Path]:

@@ -1,0 +1,63 @@
+"""The ``tinyserve`` command line: thin subcommands over the library, one module per family.
+
+``train`` (train, export, prune, distill, import), ``models`` (evaluate, quantize, predict),
+``serve`` and ``bench``. Heavy imports (torch, onnxruntime, uvicorn) happen inside each
+command, so ``--help`` is fast and ``serve`` never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tinyserve import __version__
+from tinyserve.cli import bench, models, serve, train
+from tinyserve.errors import TinyServeError
+
+app = typer.Typer(
+    name="tinyserve",
+    help="Train, export, optimize and serve compact image classifiers on CPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tinyserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Train, export, optimize and serve compact image classifiers on CPUs."""
+
+
+app.command()(train.train)
+app.command()(train.export)
+app.command()(models.evaluate)
+app.command()(models.predict)
+app.command()(serve.serve)
+app.command()(models.quantize)
+app.command()(train.prune)
+app.command()(train.distill)
+app.command("import")(train.import_model)
+app.add_typer(bench.app)
+
+
+def main() -> None:
+    """Console entry point: run the app and turn tinyserve errors into one-line messages."""
+    try:
+        app()
+    except TinyServeError as exc:
+        typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
+__all__ = ["app", "main"]
