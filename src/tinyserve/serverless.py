@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tinyserve.engine import Engine, EngineConfig, softmax, top_predictions
 from tinyserve.errors import (
@@ -37,6 +37,7 @@ from tinyserve.errors import (
 )
 from tinyserve.imaging import ImageLimits, decode_base64, decode_image
 from tinyserve.repository import ModelRef, resolve
+from tinyserve.settings import ServerConfig, build, from_env
 from tinyserve.sources import default_cache_dir, forget, is_remote, materialize
 
 log = logging.getLogger("tinyserve")
@@ -47,14 +48,27 @@ Response = dict[str, Any]
 
 @dataclass(frozen=True)
 class HandlerConfig:
-    """What the handler serves and how; ``from_env`` reads it from TINYSERVE_* variables."""
+    """What the handler serves and how; ``from_env`` reads it from TINYSERVE_* variables.
+
+    Top-k, threads, the cache and the image limits are server settings: ``from_env`` reads
+    them from the table in ``tinyserve.settings``, with the names, aliases (``TOP_K``,
+    ``NUM_THREADS``) and defaults of ``tinyserve serve``.
+    """
 
     model_uri: str
     version: int | None = None
     cache_dir: Path = field(default_factory=default_cache_dir)
-    default_top_k: int = 5
-    threads: int = 0
+    default_top_k: int = ServerConfig.default_top_k
+    threads: int = EngineConfig.intra_op_threads
     limits: ImageLimits = field(default_factory=ImageLimits)
+    # The server settings read by from_env, by their name in tinyserve.settings.SETTINGS.
+    SHARED: ClassVar[tuple[str, ...]] = (
+        "cache_dir",
+        "top_k",
+        "threads",
+        "max_image_mb",
+        "max_pixels",
+    )
 
     def __post_init__(self) -> None:
         if not self.model_uri:
@@ -66,24 +80,19 @@ class HandlerConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> HandlerConfig:
-        def number(name: str, kind: type[int] | type[float], default: float) -> Any:
-            raw = environ.get(name)
-            try:
-                return kind(raw) if raw else default
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-
+        shared = from_env(environ, names=cls.SHARED)
+        raw_version = environ.get("TINYSERVE_MODEL_VERSION", "").strip()
+        if raw_version and not raw_version.isdigit():
+            raise ConfigError(f"TINYSERVE_MODEL_VERSION must be a number, got {raw_version!r}")
         try:
+            limits = build(ImageLimits, shared, "limits")
             return cls(
                 model_uri=environ.get("TINYSERVE_MODEL_URI", ""),
-                version=number("TINYSERVE_MODEL_VERSION", int, 0) or None,
-                cache_dir=default_cache_dir(),
-                default_top_k=number("TINYSERVE_TOP_K", int, 5),
-                threads=number("TINYSERVE_THREADS", int, 0),
-                limits=ImageLimits(
-                    max_bytes=int(number("TINYSERVE_MAX_IMAGE_MB", float, 20.0) * 1024 * 1024),
-                    max_pixels=number("TINYSERVE_MAX_PIXELS", int, 40_000_000),
-                ),
+                version=int(raw_version or 0) or None,
+                cache_dir=shared.get("cache_dir") or default_cache_dir(),
+                default_top_k=shared.get("top_k", cls.default_top_k),
+                threads=shared.get("threads", cls.threads),
+                limits=limits,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
