@@ -65,6 +65,7 @@ def assert_prediction(body: dict[str, Any], label: str = "Ankle boot") -> None:
     assert body["predictions"][0] == {
         "label": body["label"],
         "class_id": body["class_id"],
+        "class_name": body["label"],
         "confidence": body["confidence"],
     }
     assert set(body["latency_ms"]) == {"decode", "queue", "inference", "total"}
@@ -242,9 +243,9 @@ BAD_INPUTS: list[tuple[str, str, dict[str, Any], int, str]] = [
      400, "truncated"),
     ("truncated-png", "/predict", {"content": BOOT[:70]}, 400, "truncated"),
     ("invalid-base64", "/predict", {"json": {"image": "@@not base64@@"}}, 400, "base64"),
-    ("missing-image-field", "/predict", {"json": {"picture": b64(BOOT)}}, 422, "'image'"),
+    ("missing-image-field", "/predict", {"json": {"picture": b64(BOOT)}}, 400, "'image'"),
     ("bad-json", "/predict", {"content": b"{", "headers": {"content-type": "application/json"}},
-     422, "not valid JSON"),
+     400, "not valid JSON"),
     ("wrong-content-type", "/predict",
      {"content": b"a=1", "headers": {"content-type": "text/plain"}},
      415, "not accepted"),
@@ -320,12 +321,16 @@ def test_full_queue_answers_503_with_retry_after(make_client: Callable[..., Test
 
 def test_rate_limit_answers_429(make_client: Callable[..., TestClient]) -> None:
     client = make_client(rate_limit=2)
-    statuses = [client.post("/predict", content=BOOT).status_code for _ in range(5)]
+    replies = [client.post("/predict", content=BOOT) for _ in range(5)]
+    statuses = [r.status_code for r in replies]
     assert statuses[:2] == [200, 200] and 429 in statuses
+    limited = replies[statuses.index(429)]
+    assert int(limited.headers["retry-after"]) >= 1
 
 
-def test_admin_routes_exist_only_with_a_token(make_client: Callable[..., TestClient]) -> None:
-    assert make_client().post("/admin/reload").status_code == 404
+def test_admin_routes_are_off_without_a_token(make_client: Callable[..., TestClient]) -> None:
+    off = make_client().post("/admin/reload")
+    assert off.status_code == 401 and "--admin-token" in off.json()["error"]["message"]
     client = make_client(admin_token=TOKEN)
     assert client.post("/admin/reload").status_code == 401
     wrong = client.post("/admin/reload", headers={"authorization": "Bearer nope"})

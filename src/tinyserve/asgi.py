@@ -25,11 +25,13 @@ __all__ = [
     "ClientGone",
     "Part",
     "Receive",
+    "Reply",
     "Scope",
     "Send",
     "log_access",
     "parse_multipart",
     "read_body",
+    "json_reply",
     "send_response",
 ]
 
@@ -81,6 +83,22 @@ class Call:
     def client_host(self) -> str | None:
         client = self.scope.get("client")
         return str(client[0]) if client else None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete response, as every handler returns it."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] | None = None
+    content_type: bytes = b"application/json"
+
+
+def json_reply(data: Any, status: int = 200,
+               headers: list[tuple[bytes, bytes]] | None = None) -> Reply:  # fmt: skip
+    """``data`` as a JSON response (NumPy scalars and arrays included)."""
+    return Reply(status, orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), headers)
 
 
 async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:

@@ -11,13 +11,15 @@
     │   ├── ImageDecodeError     the bytes are not a decodable image
     │   ├── UnsupportedMediaType the content type or image format is not accepted
     │   ├── PayloadTooLarge      too many bytes or too many pixels
+    │   ├── MalformedRequest     the body is not the JSON or form the route reads
     │   └── InvalidParameter     a parameter is out of range or malformed
     ├── Overloaded               the queue is full; retry later
     ├── RateLimited              the client sent too many requests
     ├── InferenceTimeout         a request waited longer than its deadline
-    └── Unauthorized             an admin call without the right token
+    ├── Unauthorized             an admin call without the right token
+    └── InternalError            a bug: anything raised that is not a TinyServeError
 
-Nothing here knows about HTTP: ``tinyserve.app`` maps each class to a status code.
+Nothing here knows about HTTP: ``tinyserve.http_errors`` maps each class to a status code.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ class PayloadTooLarge(InputError):
     code = "payload_too_large"
 
 
+class MalformedRequest(InputError):
+    code = "malformed_request"
+
+
 class InvalidParameter(InputError):
     code = "invalid_parameter"
 
@@ -88,6 +94,10 @@ class Overloaded(TinyServeError):
 class RateLimited(TinyServeError):
     code = "rate_limited"
 
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class InferenceTimeout(TinyServeError):
     code = "timeout"
@@ -95,3 +105,9 @@ class InferenceTimeout(TinyServeError):
 
 class Unauthorized(TinyServeError):
     code = "unauthorized"
+
+
+class InternalError(TinyServeError):
+    """Stands for an unexpected exception, so that a bug still gets a well-formed answer."""
+
+    code = "internal"

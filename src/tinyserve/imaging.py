@@ -49,8 +49,22 @@ class ImageLimits:
 DEFAULT_LIMITS = ImageLimits()
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """Model-ready pixels, and the ``[rows, cols, channels]`` of the image as uploaded
+    (upright, after its EXIF orientation; channels as stored: 1 grey, 3 RGB, 4 with alpha)."""
+
+    pixels: Pixels
+    source_shape: tuple[int, int, int]
+
+
 def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = DEFAULT_LIMITS) -> Pixels:
     """Decode ``data`` and return C-contiguous uint8 pixels shaped ``spec.shape``."""
+    return decode_upload(data, spec, limits).pixels
+
+
+def decode_upload(data: bytes, spec: InputSpec, limits: ImageLimits = DEFAULT_LIMITS) -> Decoded:
+    """``decode_image``, also telling the shape the upload had before resizing."""
     if not data:
         raise ImageDecodeError("the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -81,10 +95,13 @@ def decode_image(data: bytes, spec: InputSpec, limits: ImageLimits = DEFAULT_LIM
                 f"the image is {width}x{height} = {width * height:,} pixels; the limit is "
                 f"{limits.max_pixels:,} pixels"
             )
+        bands = 3 if image.mode == "P" else len(image.getbands())  # a palette holds colours
         try:
-            return _to_pixels(image, spec)
+            pixels, turned = _to_pixels(image, spec)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageDecodeError(f"the image is damaged or truncated: {exc}") from exc
+        rows, cols = (width, height) if turned else (height, width)
+        return Decoded(pixels, (rows, cols, bands))
 
 
 def decode_base64(value: object, where: str) -> bytes:
@@ -104,7 +121,8 @@ def load_image(path: str | Path, spec: InputSpec, limits: ImageLimits = DEFAULT_
     return decode_image(Path(path).read_bytes(), spec, limits)
 
 
-def _to_pixels(image: Image.Image, spec: InputSpec) -> Pixels:
+def _to_pixels(image: Image.Image, spec: InputSpec) -> tuple[Pixels, bool]:
+    """The pixels, and whether the EXIF orientation turned the image by 90 degrees."""
     orientation = _orientation(image) if image.format in _EXIF_IN_HEADER else 1
     if image.format in ("JPEG", "MPO"):
         # Ask for at least the size the resize step needs, in the file's own orientation.
@@ -120,7 +138,7 @@ def _to_pixels(image: Image.Image, spec: InputSpec) -> Pixels:
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array), orientation in _ROTATING_ORIENTATIONS
 
 
 def _orientation(image: Image.Image) -> int:

@@ -56,6 +56,12 @@ class Metrics:
             ["route", "status"],
             registry=self.registry,
         )
+        self.errors = Counter(
+            "tinyserve_errors",
+            "Error answers by route and error code ('internal' counts bugs).",
+            ["route", "code"],
+            registry=self.registry,
+        )
         self.request_seconds = Histogram(
             "tinyserve_request_seconds",
             "Time from request arrival to response, by route.",
@@ -129,6 +135,10 @@ class Metrics:
                 counts[1] += status >= 400
                 counts[2] += seconds
                 counts[3] += seconds if status >= 400 else 0.0
+
+    def count_error(self, route: str, code: str) -> None:
+        """Count an error answer by its code."""
+        self.errors.labels(route, code).inc()
 
     def count_request(self, route: str, status: int) -> None:
         """Count a request that is not a prediction (health, metadata...)."""

@@ -1,95 +1,145 @@
-"""The OpenAPI description served at /openapi.json and the Swagger UI page at /docs."""
+"""The OpenAPI description at /openapi.json, derived from the route table.
+
+The schemas of bodies and answers are declared here, once; each ``Route`` names the ones it
+takes and gives, and ``describe(routes)`` builds the paths from the table itself, so a route
+cannot be served without being documented, nor documented without being served.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from tinyserve import __version__
 
-_ERROR_BODY: dict[str, Any] = {
+if TYPE_CHECKING:
+    from tinyserve.routes import Route
+
+Schema = dict[str, Any]
+
+__all__ = ["describe"]
+
+_STRING: Schema = {"type": "string"}
+_INTEGER: Schema = {"type": "integer"}
+_NUMBER: Schema = {"type": "number"}
+_BINARY: Schema = {"type": "string", "format": "binary"}
+_BASE64: Schema = {"type": "string", "format": "byte"}
+
+ERROR_BODY: Schema = {
     "type": "object",
-    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+    "required": ["code", "message"],
+    "properties": {"code": _STRING, "message": _STRING},
 }
-_ERROR: dict[str, Any] = {"type": "object", "properties": {"error": _ERROR_BODY}}
-_PREDICTION = {
+ERROR: Schema = {"type": "object", "required": ["error"], "properties": {"error": ERROR_BODY}}
+V2_ERROR: Schema = {"type": "object", "required": ["error"], "properties": {"error": _STRING}}
+
+PREDICTION: Schema = {
     "type": "object",
     "properties": {
-        "label": {"type": "string"},
-        "class_id": {"type": "integer"},
-        "confidence": {"type": "number"},
+        "label": _STRING,
+        "class_id": _INTEGER,
+        "class_name": _STRING,
+        "confidence": _NUMBER,
     },
 }
-_LATENCY = {
+_PREDICTIONS: Schema = {"type": "array", "items": PREDICTION}
+LATENCY: Schema = {
     "type": "object",
-    "properties": {k: {"type": "number"} for k in ("decode", "queue", "inference", "total")},
+    "properties": {k: _NUMBER for k in ("decode", "queue", "inference", "total")},
 }
-_PREDICT_RESPONSE = {
+PREDICT_RESPONSE: Schema = {
     "type": "object",
     "properties": {
-        "model": {"type": "string"},
-        "version": {"type": "integer"},
-        "label": {"type": "string"},
-        "class_id": {"type": "integer"},
-        "confidence": {"type": "number"},
-        "predictions": {"type": "array", "items": _PREDICTION},
-        "latency_ms": _LATENCY,
+        "model": _STRING,
+        "version": _INTEGER,
+        "label": _STRING,
+        "class_id": _INTEGER,
+        "confidence": _NUMBER,
+        "predictions": _PREDICTIONS,
+        "latency_ms": LATENCY,
+        "inference_time_ms": _NUMBER,
+        "image_shape": {"type": "array", "items": _INTEGER, "minItems": 3, "maxItems": 3},
     },
 }
-_BATCH_RESPONSE = {
+_RESULT: Schema = {
     "type": "object",
     "properties": {
-        "model": {"type": "string"},
-        "version": {"type": "integer"},
-        "total": {"type": "integer"},
-        "succeeded": {"type": "integer"},
-        "failed": {"type": "integer"},
+        "index": _INTEGER,
+        "filename": {"type": "string", "nullable": True},
+        "predictions": {**_PREDICTIONS, "nullable": True},
+        "error": {**ERROR_BODY, "nullable": True},
+    },
+}
+BATCH_RESPONSE: Schema = {
+    "type": "object",
+    "properties": {
+        "model": _STRING,
+        "version": _INTEGER,
+        "total": _INTEGER,
+        "succeeded": _INTEGER,
+        "failed": _INTEGER,
+        "results": {"type": "array", "items": _RESULT},
+        "latency_ms": LATENCY,
+    },
+}
+SEED_001_BATCH_RESPONSE: Schema = {
+    "type": "object",
+    "properties": {
+        **BATCH_RESPONSE["properties"],
+        "batch_predictions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"image_index": _INTEGER, "predictions": _PREDICTIONS},
+            },
+        },
+        "num_images": _INTEGER,
+        "total_inference_time_ms": _NUMBER,
+        "average_time_per_image_ms": _NUMBER,
+    },
+}
+SEED_002_BATCH_RESPONSE: Schema = {
+    "type": "object",
+    "properties": {
+        **BATCH_RESPONSE["properties"],
         "results": {
             "type": "array",
             "items": {
                 "type": "object",
-                "properties": {
-                    "index": {"type": "integer"},
-                    "filename": {"type": "string", "nullable": True},
-                    "predictions": {"type": "array", "items": _PREDICTION, "nullable": True},
-                    "error": {"nullable": True, **_ERROR_BODY},
-                },
+                "properties": {**_RESULT["properties"], "inference_time_ms": _NUMBER},
             },
         },
-        "latency_ms": _LATENCY,
+        "total_images": _INTEGER,
+        "successful": _INTEGER,
+        "total_time_ms": _NUMBER,
     },
 }
-_IMAGE_BODY = {
+
+IMAGE_BODY: Schema = {
     "required": True,
     "content": {
-        "image/*": {"schema": {"type": "string", "format": "binary"}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "image/*": {"schema": _BINARY},
+        "application/octet-stream": {"schema": _BINARY},
         "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {"file": {"type": "string", "format": "binary"}},
-            }
+            "schema": {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}
         },
         "application/json": {
             "schema": {
                 "type": "object",
                 "required": ["image"],
-                "properties": {
-                    "image": {"type": "string", "format": "byte"},
-                    "top_k": {"type": "integer"},
-                },
+                "properties": {"image": _BASE64, "top_k": {"type": "integer", "minimum": 1}},
             }
         },
     },
 }
-_BATCH_BODY = {
+BATCH_BODY: Schema = {
     "required": True,
     "content": {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "properties": {
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                },
+                "required": ["files"],
+                "properties": {"files": {"type": "array", "items": _BINARY}},
             }
         },
         "application/json": {
@@ -101,109 +151,140 @@ _BATCH_BODY = {
                         "type": "array",
                         "items": {
                             "oneOf": [
-                                {"type": "string", "format": "byte"},
+                                _BASE64,
                                 {
                                     "type": "object",
-                                    "properties": {"image": {"type": "string", "format": "byte"}},
+                                    "required": ["image"],
+                                    "properties": {"image": _BASE64, "filename": _STRING},
                                 },
                             ]
                         },
                     },
-                    "top_k": {"type": "integer"},
+                    "top_k": {"type": "integer", "minimum": 1},
                 },
             }
         },
     },
 }
-_QUERY = [
-    {"name": "top_k", "in": "query", "schema": {"type": "integer", "default": 5}},
-    {"name": "version", "in": "query", "schema": {"type": "integer"}},
-]
-_MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
-
-
-def _errors(*codes: int) -> dict[str, Any]:
-    return {
-        str(c): {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
-        for c in codes
-    }
-
-
-def _op(summary: str, body: dict[str, Any] | None, schema: dict[str, Any],
-        params: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    op: dict[str, Any] = {
-        "summary": summary,
-        "parameters": params,
-        "responses": {
-            "200": {"description": "OK", "content": {"application/json": {"schema": schema}}},
-            **_errors(400, 404, 413, 415, 422, 429, 503),
-        },
-    }
-    if body is not None:
-        op["requestBody"] = body
-    return op
-
-
-_OBJECT: dict[str, Any] = {"type": "object"}
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {
-        "title": "tinyserve",
-        "version": __version__,
-        "description": "Image classification over HTTP with dynamic batching.",
-    },
-    "paths": {
-        "/v1/models/{model}/predict": {
-            "post": _op("Classify one image", _IMAGE_BODY, _PREDICT_RESPONSE, [_MODEL, *_QUERY])
-        },
-        "/v1/models/{model}/predict/batch": {
-            "post": _op("Classify several images", _BATCH_BODY, _BATCH_RESPONSE, [_MODEL, *_QUERY])
-        },
-        "/v1/models": {"get": _op("List served models", None, _OBJECT, [])},
-        "/v1/models/{model}": {"get": _op("Describe a model", None, _OBJECT, [_MODEL])},
-        "/predict": {
-            "post": _op(
-                "Classify one image (default model)", _IMAGE_BODY, _PREDICT_RESPONSE, _QUERY
-            )
-        },  # fmt: skip
-        "/predict/batch": {
-            "post": _op(
-                "Classify several images (default model)", _BATCH_BODY, _BATCH_RESPONSE, _QUERY
-            )
-        },  # fmt: skip
-        "/infer": {"post": _op("Alias of /predict", _IMAGE_BODY, _PREDICT_RESPONSE, _QUERY)},
-        "/infer/batch": {
-            "post": _op("Alias of /predict/batch", _BATCH_BODY, _BATCH_RESPONSE, _QUERY)
-        },  # fmt: skip
-        "/model/info": {"get": _op("Describe the default model", None, _OBJECT, [])},
-        "/health": {"get": _op("Service health", None, _OBJECT, [])},
-        "/health/live": {"get": _op("Liveness", None, _OBJECT, [])},
-        "/health/ready": {
-            "get": _op("Readiness: 503 until every model is loaded", None, _OBJECT, [])
-        },  # fmt: skip
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "text exposition format"}},
-            }
-        },
-        "/stats": {"get": _op("Request statistics", None, _OBJECT, [])},
-        "/admin/models/{model}/reload": {
-            "post": _op("Hot-reload a model (admin token)", None, _OBJECT, [_MODEL])
-        },
-        "/admin/reload": {
-            "post": _op("Hot-reload the default model (admin token)", None, _OBJECT, [])
-        },  # fmt: skip
+JSON_BODY: Schema = {
+    "required": False,
+    "content": {"application/json": {"schema": {"type": "object"}}},
+}
+_V2_TENSOR: Schema = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": _STRING,
+        "datatype": {"type": "string", "enum": ["UINT8", "BYTES", "FP32"]},
+        "shape": {"type": "array", "items": _INTEGER},
+        "data": {"type": "array", "items": {}},
+        "parameters": {"type": "object"},
     },
 }
+V2_INFER_BODY: Schema = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": _STRING,
+                    "inputs": {"type": "array", "items": _V2_TENSOR, "minItems": 1, "maxItems": 1},
+                    "outputs": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": _STRING, "parameters": {"type": "object"}},
+                        },
+                    },
+                    "parameters": {"type": "object"},
+                },
+            }
+        },
+        "application/octet-stream": {"schema": _BINARY},
+    },
+}
+V2_INFER_RESPONSE: Schema = {
+    "type": "object",
+    "properties": {
+        "model_name": _STRING,
+        "model_version": _STRING,
+        "id": _STRING,
+        "outputs": {"type": "array", "items": _V2_TENSOR},
+    },
+}
+PREDICT_QUERY: tuple[Schema, ...] = (
+    {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {
+        "name": "version",
+        "in": "query",
+        "description": "a served version number, or 'latest'; the default version if absent",
+        "schema": {"oneOf": [{"type": "integer", "minimum": 1}, {"enum": ["latest"]}]},
+    },
+)
 
-SWAGGER_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>tinyserve API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
-</head><body><div id="ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
-<noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
-</body></html>
-"""
+
+def describe(routes: Iterable[Route]) -> Schema:
+    """The OpenAPI 3.0 description of ``routes``."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        if route.documented:
+            paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "tinyserve",
+            "version": __version__,
+            "description": "Image classification over HTTP with dynamic batching.",
+        },
+        "paths": paths,
+    }
+
+
+def _operation(route: Route) -> Schema:
+    params = [
+        {"name": name, "in": "path", "required": True, "schema": _STRING} for name in route.params
+    ]
+    if route.admin:
+        params.append(
+            {
+                "name": "Authorization",
+                "in": "header",
+                "required": False,
+                "schema": _STRING,
+                "description": "Bearer <admin token>",
+            }  # fmt: skip
+        )
+    error = V2_ERROR if route.errors == "v2" else ERROR
+    if route.response_type == "application/json":
+        ok: Schema = {
+            "description": "OK",
+            "content": {"application/json": {"schema": route.response}},
+        }
+    elif route.response_type:
+        ok = {"description": "OK", "content": {route.response_type: {"schema": _STRING}}}
+    else:
+        ok = {"description": "OK (no body)"}
+    responses: Schema = {"200": ok}
+    for status in sorted({*route.statuses, 429, 500}):
+        responses[str(status)] = {
+            "description": "error",
+            "content": {"application/json": {"schema": error}},
+        }
+    operation: Schema = {
+        "summary": route.summary,
+        "tags": [route.tag],
+        "operationId": _operation_id(route),
+        "parameters": params + list(route.query),
+        "responses": responses,
+    }
+    if route.body is not None:
+        operation["requestBody"] = route.body
+    return operation
+
+
+def _operation_id(route: Route) -> str:
+    words = [w.strip("{}") for w in route.path.split("/") if w]
+    return "_".join([route.method.lower(), *words]) or route.method.lower()

@@ -7,15 +7,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from tinyserve.classify import EngineRunner, classify_sync
 from tinyserve.datasets import IMAGE_SUFFIXES
-from tinyserve.engine import Engine, EngineConfig, softmax, top_predictions
-from tinyserve.errors import ConfigError, InputError
-from tinyserve.imaging import Pixels, load_image
+from tinyserve.engine import Engine, EngineConfig
+from tinyserve.errors import ConfigError
 from tinyserve.repository import resolve
-
-CHUNK = 64
+from tinyserve.requests import Upload
 
 
 def expand_images(paths: Iterable[Path]) -> list[Path]:
@@ -45,31 +42,26 @@ def predict_files(model: str, paths: Iterable[Path], top_k: int = 5) -> list[dic
     if model.startswith(("http://", "https://")):
         return predict_remote(model, expand_images(paths), top_k)
     ref = resolve(model)
-    engine = Engine(ref.path, EngineConfig(warmup_runs=0))
+    runner = EngineRunner(Engine(ref.path, EngineConfig(warmup_runs=0)), ref.name, ref.version)
     files = expand_images(paths)
-    results: list[dict[str, Any]] = [
-        {
-            "image": str(p),
-            "model": ref.name,
-            "version": ref.version,
-            "predictions": None,
-            "error": None,
-        }
-        for p in files
-    ]
-    decoded: list[tuple[int, Pixels]] = []
-    for i, path in enumerate(files):
+    results: list[dict[str, Any]] = []
+    uploads: list[Upload] = []
+    for path in files:
+        item: dict[str, Any] = {"image": str(path), "model": ref.name, "version": ref.version,
+                                "predictions": None, "error": None}  # fmt: skip
         try:
-            decoded.append((i, load_image(path, engine.manifest.input)))
-        except (InputError, OSError) as exc:
-            code = getattr(exc, "code", "io_error")
-            results[i]["error"] = {"code": code, "message": str(exc)}
-    for start in range(0, len(decoded), CHUNK):
-        chunk = decoded[start : start + CHUNK]
-        batch = np.stack([pixels for _, pixels in chunk])
-        ranked = top_predictions(softmax(engine.infer(batch)), engine.labels, top_k)
-        for (i, _), preds in zip(chunk, ranked, strict=True):
-            results[i]["predictions"] = [asdict(p) for p in preds]
+            uploads.append(Upload(str(path), path.read_bytes()))
+        except OSError as exc:
+            item["error"] = {"code": "io_error", "message": str(exc)}
+        results.append(item)
+    readable = [r for r in results if r["error"] is None]
+    classified = classify_sync(runner, uploads, top_k)
+    for result, done in zip(readable, classified.items, strict=True):
+        if done.error is not None:
+            result["error"] = {"code": done.error.code, "message": done.error.message}
+        else:
+            assert done.predictions is not None
+            result["predictions"] = [asdict(p) for p in done.predictions]
     return results
 
 

@@ -27,16 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tinyserve.engine import Engine, EngineConfig, softmax, top_predictions
-from tinyserve.errors import (
-    ConfigError,
-    ImageDecodeError,
-    InvalidParameter,
-    ModelError,
-    TinyServeError,
-)
-from tinyserve.imaging import ImageLimits, decode_base64, decode_image
+from tinyserve.classify import EngineRunner, classify_sync
+from tinyserve.engine import Engine, EngineConfig
+from tinyserve.errors import ConfigError, ImageDecodeError, ModelError, TinyServeError
+from tinyserve.http_errors import error_reply
+from tinyserve.imaging import ImageLimits, decode_base64
 from tinyserve.repository import ModelRef, resolve
+from tinyserve.requests import Parsed, parse_body, parse_json_object, top_k_param
 from tinyserve.settings import ServerConfig, build, from_env
 from tinyserve.sources import default_cache_dir, forget, is_remote, materialize
 
@@ -105,6 +102,10 @@ class _Model:
     load_seconds: float
     config: HandlerConfig
 
+    @property
+    def runner(self) -> EngineRunner:
+        return EngineRunner(self.engine, self.ref.name, self.ref.version, self.config.limits)
+
 
 _model: _Model | None = None  # one per container, built by the first call
 
@@ -140,32 +141,36 @@ def handler(event: Event, context: object = None) -> Response:
         model = _model
         if _method(event) == "GET":
             return _response(200, _describe(model, cold))
-        data, top_k = _parse(event, model)
-        t0 = time.perf_counter()
-        pixels = decode_image(data, model.engine.manifest.input, model.config.limits)
-        t1 = time.perf_counter()
-        logits = model.engine.infer(pixels[None])
-        ranked = top_predictions(softmax(logits), model.engine.labels, top_k)[0]
-        t2 = time.perf_counter()
-    except TinyServeError as exc:
-        return _error(exc)
-    except Exception as exc:  # a bug: answer 500 and log it rather than crash the container
-        log.exception("unhandled error in the serverless handler")
-        return _error(ModelError(f"internal error: {type(exc).__name__}"))
-    best = ranked[0]
+        parsed = _parse(event)
+        classes = model.engine.manifest.num_classes
+        query = (event.get("queryStringParameters") or {}).get("top_k")
+        top_k = top_k_param(query, parsed.top_k, model.config.default_top_k, classes)
+        results = classify_sync(model.runner, parsed.uploads, top_k)
+        item = results.items[0]
+        if item.error is not None:
+            raise item.error
+        assert item.predictions is not None
+    except Exception as exc:  # the one error map; a bug answers 500 rather than crash
+        if not isinstance(exc, TinyServeError):
+            log.exception("unhandled error in the serverless handler")
+        error = error_reply(exc)
+        return _response(error.status, json.loads(error.body))
+    best = item.predictions[0]
     body = {
         "model": model.ref.name,
-        "version": model.ref.version,
+        "version": results.version,
         "label": best.label,
         "class_id": best.class_id,
+        "pred_index": best.class_id,  # seed 003
         "confidence": best.confidence,
         "predictions": [
-            {"label": p.label, "class_id": p.class_id, "confidence": p.confidence} for p in ranked
+            {"label": p.label, "class_id": p.class_id, "confidence": p.confidence}
+            for p in item.predictions
         ],
         "timings": {
             "model_load_s": round(model.load_seconds if cold else 0.0, 6),
-            "preprocess_s": round(t1 - t0, 6),
-            "inference_s": round(t2 - t1, 6),
+            "preprocess_s": round(results.decode_s, 6),
+            "inference_s": round(results.inference_s, 6),
             "total_s": round(time.perf_counter() - started, 6),
         },
         "cold_start": cold,
@@ -190,33 +195,16 @@ def _method(event: Event) -> str:
     return str(method or "POST").upper()
 
 
-def _parse(event: Event, model: _Model) -> tuple[bytes, int]:
-    """Image bytes and top_k from an API Gateway / function URL event or a direct invocation."""
-    payload: Any = None
+def _parse(event: Event) -> Parsed:
+    """The image and options of an API Gateway / function URL event or a direct invocation."""
     if "body" not in event and "image" in event:  # direct invocation: the event is the JSON
-        payload = event
-    else:
-        raw = _body(event)
-        headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
-        media = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media == "application/json" or media.endswith("+json") or raw[:1] == b"{":
-            try:
-                payload = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise InvalidParameter(f"the body is not valid JSON: {exc}") from None
-            if not isinstance(payload, dict):
-                raise InvalidParameter("the JSON body must be an object")
-        data = raw
-    top_k: object = None
-    if payload is not None:
-        if "image" not in payload:
-            raise InvalidParameter("the JSON body needs an 'image' field holding base64 bytes")
-        data = decode_base64(payload["image"], "'image'")
-        top_k = payload.get("top_k")
-    query = event.get("queryStringParameters") or {}
-    if query.get("top_k") is not None:
-        top_k = query["top_k"]
-    return data, _top_k(top_k, model)
+        return parse_json_object(event, batch=False)
+    raw = _body(event)
+    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    content_type = headers.get("content-type", "")
+    if raw[:1] == b"{" and not content_type.lower().startswith("multipart/"):
+        content_type = "application/json"  # a console test event, sent without a type
+    return parse_body(raw, content_type, batch=False, max_images=1)
 
 
 def _body(event: Event) -> bytes:
@@ -226,29 +214,6 @@ def _body(event: Event) -> bytes:
     if event.get("isBase64Encoded"):
         return decode_base64(body, "the base64-encoded body")
     return body.encode() if isinstance(body, str) else bytes(body)
-
-
-def _top_k(raw: object, model: _Model) -> int:
-    classes = model.engine.manifest.num_classes
-    if raw is None:
-        return min(model.config.default_top_k, classes)
-    if isinstance(raw, bool) or not isinstance(raw, int | str):
-        raise InvalidParameter(f"top_k must be an integer, got {raw!r}")
-    try:
-        top_k = int(raw)
-    except ValueError:
-        raise InvalidParameter(f"top_k must be an integer, got {raw!r}") from None
-    if not 1 <= top_k <= classes:
-        raise InvalidParameter(f"top_k must be between 1 and {classes}, got {top_k}")
-    return top_k
-
-
-def _error(exc: TinyServeError) -> Response:
-    # Imported here: the HTTP app (Starlette, Prometheus) is not needed on the success path
-    # and would add a tenth of a second to every cold start.
-    from tinyserve.app import status_for
-
-    return _response(status_for(exc), {"error": {"code": exc.code, "message": exc.message}})
 
 
 def _response(status: int, body: dict[str, Any]) -> Response:

@@ -1,0 +1,192 @@
+"""One classification pipeline for every front door: decode, infer, rank.
+
+The REST routes, the Open Inference Protocol's BYTES tensors, the Lambda handler and
+``tinyserve predict`` all call ``classify``; only the body they read and the shape they answer
+differ. What decodes and runs the model is a ``Runner``: the server's runs on a loaded
+version's batcher and decode pool (``context.ServedRunner``), and ``EngineRunner`` runs an
+``Engine`` directly, in the caller's thread. An image that cannot be decoded fails its own
+item, never the others.
+
+``classify`` is a coroutine so that the server's runner can wait for its batcher. An
+``EngineRunner`` never waits, so ``classify_sync`` drives the coroutine to its end without an
+event loop: the Lambda handler and the CLI do not pay for importing asyncio at start-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from tinyserve.engine import Engine, Logits, Prediction, softmax, top_predictions
+from tinyserve.errors import InputError
+from tinyserve.imaging import DEFAULT_LIMITS, Decoded, ImageLimits, Pixels, decode_upload
+from tinyserve.requests import Upload
+
+__all__ = [
+    "EngineRunner",
+    "Inferred",
+    "Item",
+    "Results",
+    "Runner",
+    "classify",
+    "classify_sync",
+]
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Inferred:
+    """Logits for decoded images, and which version ran them, with its labels."""
+
+    logits: Logits  # [N, num_classes], in the order the images were given
+    queue_s: Sequence[float]  # each image's wait for its batch
+    inference_s: Sequence[float]  # each image's batch run
+    batches_s: float  # all distinct batches together
+    version: int
+    labels: Sequence[str]
+
+
+class Runner(Protocol):
+    """What decodes images for one model and runs it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int:
+        """The version that will run the images, as far as is known before they do."""
+        ...
+
+    async def decode_all(self, images: Sequence[bytes]) -> list[Decoded | InputError]:
+        """Each image decoded, or the input error that stopped it."""
+        ...
+
+    async def infer(self, rows: list[Pixels]) -> Inferred: ...
+
+
+@dataclass(slots=True)
+class Item:
+    """One image's result: its predictions, or the error that stopped it."""
+
+    index: int
+    filename: str | None
+    predictions: list[Prediction] | None = None
+    error: InputError | None = None
+    image_shape: tuple[int, int, int] | None = None  # [rows, cols, channels] as uploaded
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    """Every image's result, in upload order, with where the time went."""
+
+    model: str
+    version: int
+    items: list[Item]
+    decode_s: float
+    queue_s: float  # the longest wait of any image
+    inference_s: float  # every batch the images ran in, together
+    logits: Logits | None = None  # rows of the images that were decoded, in upload order
+
+    @property
+    def succeeded(self) -> int:
+        return sum(item.error is None for item in self.items)
+
+
+async def classify(runner: Runner, uploads: Sequence[Upload], top_k: int) -> Results:
+    """Classify ``uploads`` with ``runner``: the ``top_k`` classes of each, best first."""
+    started = time.perf_counter()
+    decoded = await runner.decode_all([u.data for u in uploads])
+    decode_s = time.perf_counter() - started
+    items = [Item(i, u.filename) for i, u in enumerate(uploads)]
+    good: list[int] = []
+    for item, result in zip(items, decoded, strict=True):
+        if isinstance(result, Decoded):
+            item.image_shape = result.source_shape
+            good.append(item.index)
+        else:
+            item.error = result
+    if not good:
+        return Results(runner.name, runner.version, items, decode_s, 0.0, 0.0)
+    rows = [decoded[i].pixels for i in good]  # type: ignore[union-attr]
+    inferred = await runner.infer(rows)
+    ranked = top_predictions(softmax(inferred.logits), inferred.labels, top_k)
+    for j, i in enumerate(good):
+        item = items[i]
+        item.predictions = ranked[j]
+        item.queue_s = inferred.queue_s[j]
+        item.inference_s = inferred.inference_s[j]
+    return Results(
+        runner.name,
+        inferred.version,
+        items,
+        decode_s,
+        max(inferred.queue_s),
+        inferred.batches_s,
+        inferred.logits,
+    )
+
+
+def classify_sync(runner: EngineRunner, uploads: Sequence[Upload], top_k: int) -> Results:
+    """``classify`` in the caller's thread, for a runner that never waits."""
+    return _drive(classify(runner, uploads, top_k))
+
+
+class EngineRunner:
+    """Runs an ``Engine`` in the caller's thread, in chunks of at most ``chunk`` images."""
+
+    def __init__(self, engine: Engine, name: str, version: int,
+                 limits: ImageLimits = DEFAULT_LIMITS, chunk: int = 64) -> None:  # fmt: skip
+        self.engine = engine
+        self._name = name
+        self._version = version
+        self.limits = limits
+        self.chunk = chunk
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def decode_all(self, images: Sequence[bytes]) -> list[Decoded | InputError]:
+        spec = self.engine.manifest.input
+        results: list[Decoded | InputError] = []
+        for data in images:
+            try:
+                results.append(decode_upload(data, spec, self.limits))
+            except InputError as exc:
+                results.append(exc)
+        return results
+
+    async def infer(self, rows: list[Pixels]) -> Inferred:
+        parts: list[Logits] = []
+        times: list[float] = []
+        total = 0.0
+        for start in range(0, len(rows), self.chunk):
+            chunk = rows[start : start + self.chunk]
+            began = time.perf_counter()
+            parts.append(self.engine.infer(np.stack(chunk)))
+            seconds = time.perf_counter() - began
+            times += [seconds] * len(chunk)
+            total += seconds
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return Inferred(logits, [0.0] * len(rows), times, total, self._version, self.engine.labels)
+
+
+def _drive(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """The value of a coroutine that finishes without suspending."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise RuntimeError("the runner waited for something; run classify() in an event loop")

@@ -1,0 +1,253 @@
+"""What every front door of a server shares: models, metrics, decode pool, limits, admission.
+
+One ``ServingContext`` per app. The REST and V2 handlers receive it with each request; its
+lifecycle (``start``/``close``) runs in the app's lifespan. ``ServedRunner`` is how
+``classify`` reaches a loaded version: decoding inline or in the pool, inference through the
+version's batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from tinyserve.asgi import Call, read_body
+from tinyserve.classify import Inferred
+from tinyserve.errors import InputError, RateLimited, Unauthorized
+from tinyserve.http_errors import ErrorReply, Shape, as_error, error_reply
+from tinyserve.imaging import Decoded, Pixels, decode_upload
+from tinyserve.manifest import InputSpec
+from tinyserve.metrics import Metrics
+from tinyserve.registry import LoadedModel, ModelRegistry
+from tinyserve.requests import Version, top_k_param
+from tinyserve.settings import ServerConfig
+
+__all__ = ["ServedRunner", "ServingContext", "warm_decoders"]
+
+log = logging.getLogger("tinyserve")
+
+# Clients remembered by the per-IP rate limit; the least recently seen is forgotten first
+# (it comes back with a full bucket, which is what a long-idle client would have anyway).
+MAX_RATE_CLIENTS = 10_000
+
+
+class ServingContext:
+    """The registry, metrics, decode pool and limits behind every route of one server."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(
+            config.repo,
+            config.engine,
+            config.batching,
+            self.metrics,
+            config.default_model,
+        )
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._sighup = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the decode pool, load and warm every model, and reload them on SIGHUP."""
+        self.decode_pool = ThreadPoolExecutor(
+            self.config.decode_threads, thread_name_prefix="decode"
+        )
+        loop = asyncio.get_running_loop()
+        # Pillow's warm-up and the models' loading (mostly outside the GIL) overlap.
+        await asyncio.gather(
+            loop.run_in_executor(self.decode_pool, warm_decoders), self.registry.load_all()
+        )
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = True
+        except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+            pass  # not the main thread (tests), or no SIGHUP on this platform
+        log.info("ready: %s", ", ".join(self.registry.names) or "no models")
+
+    async def close(self) -> None:
+        """Stop reloading, drain every batcher (up to the drain timeout), stop the pool."""
+        if self._sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await self.registry.close(self.config.drain_timeout_s)
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading models")
+        task = asyncio.get_running_loop().create_task(self.registry.reload_all())
+        self._tasks.add(task)  # a task nobody references may be collected before it ends
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_reload)
+
+    # -- what a request needs -------------------------------------------------------------
+
+    async def read_body(self, call: Call) -> bytes:
+        """The request body, refused (413) over the configured limit."""
+        return await read_body(
+            call.receive, call.headers.get("content-length"), self.config.max_body_bytes
+        )
+
+    def model(self, name: str | None, version: Version) -> LoadedModel:
+        """The served version asked for: a number, ``latest``, or None for the default."""
+        if version == "latest":
+            return self.registry.versions(name or self.registry.default_name)[-1]
+        return self.registry.get(name, version)
+
+    def runner(self, model: LoadedModel) -> ServedRunner:
+        return ServedRunner(self, model)
+
+    def top_k(self, query: str | None, body: int | None, num_classes: int) -> int:
+        """``top_k`` from the query string, else the body, else the server's default."""
+        return top_k_param(query, body, self.config.default_top_k, num_classes)
+
+    async def decode(self, data: bytes, spec: InputSpec) -> Decoded:
+        limits = self.config.limits
+        if len(data) <= self.config.inline_decode_bytes or self.decode_pool is None:
+            # A small image decodes faster than a hop to a thread and back.
+            return decode_upload(data, spec, limits)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decode_pool, decode_upload, data, spec, limits)
+
+    # -- admission ------------------------------------------------------------------------
+
+    def check_rate(self, client: str | None) -> None:
+        """A token bucket per client address, of one second's worth of requests."""
+        rate = self.config.rate_limit
+        if rate <= 0:
+            return
+        client = client or "-"
+        now = time.monotonic()
+        buckets = self._buckets
+        tokens, last = buckets.pop(client, (rate, now))
+        tokens = min(rate, tokens + (now - last) * rate)
+        if tokens < 1:
+            buckets[client] = (tokens, now)
+            raise RateLimited(
+                f"more than {rate:g} requests per second from {client}; slow down",
+                retry_after=(1 - tokens) / rate,
+            )
+        buckets[client] = (tokens - 1, now)
+        if len(buckets) > MAX_RATE_CLIENTS:
+            buckets.popitem(last=False)
+
+    def check_admin(self, authorization: str | None) -> None:
+        token = self.config.admin_token
+        if token is None:
+            raise Unauthorized(
+                "admin calls are off: start the server with --admin-token "
+                "(or TINYSERVE_ADMIN_TOKEN) and send 'Authorization: Bearer <admin token>'"
+            )
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise Unauthorized("admin calls need 'Authorization: Bearer <admin token>'")
+
+    def fail(self, exc: BaseException, route: str, shape: Shape = "rest") -> ErrorReply:
+        """The answer to ``exc`` on ``route``; a bug is logged with its traceback."""
+        error = as_error(exc)
+        if error is not exc:
+            log.error("unhandled error on %s", route, exc_info=exc)
+        self.metrics.count_error(route, error.code)
+        return error_reply(error, shape)
+
+
+class ServedRunner:
+    """``classify``'s way to a loaded version: its decoder settings and its batcher.
+
+    After ``infer``, ``model`` is the version that ran: a reload may have put a successor in
+    the place of the one the request looked up.
+    """
+
+    __slots__ = ("context", "model")
+
+    def __init__(self, context: ServingContext, model: LoadedModel) -> None:
+        self.context = context
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    async def decode_all(self, images: Sequence[bytes]) -> list[Decoded | InputError]:
+        spec = self.model.manifest.input
+        if len(images) == 1:
+            try:
+                return [await self.context.decode(images[0], spec)]
+            except InputError as exc:
+                return [exc]
+        results = await asyncio.gather(
+            *(self.context.decode(data, spec) for data in images), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, InputError):
+                raise result
+        return results  # type: ignore[return-value]
+
+    async def infer(self, rows: list[Pixels]) -> Inferred:
+        # live() just before submitting, with no await in between: see LoadedModel.live.
+        model = self.model = self.model.live()
+        if len(rows) == 1:
+            row, timing = await model.infer_one(rows[0])
+            return Inferred(row[None, :], (timing.queue,), (timing.inference,), timing.inference,
+                            model.version, model.manifest.labels)  # fmt: skip
+        outputs = await model.infer_many(rows)
+        timings = [t for _, t in outputs]
+        return Inferred(
+            np.stack([row for row, _ in outputs]),
+            [t.queue for t in timings],
+            [t.inference for t in timings],
+            sum({t.batch_id: t.inference for t in timings}.values()),
+            model.version,
+            model.manifest.labels,
+        )
+
+
+def warm_decoders() -> None:
+    """Load the common formats' Pillow plugins and run the decoders once, before the first
+    request rather than during it."""
+    # Not Image.init(), which imports every plugin (~40). TIFF and MPO are left to the first
+    # such upload (Pillow finds them then): the TIFF plugin pulls in fractions and decimal,
+    # a tenth of a second of start-up on a slow core.
+    from PIL import (  # noqa: F401
+        BmpImagePlugin,
+        GifImagePlugin,
+        Image,
+        JpegImagePlugin,
+        PngImagePlugin,
+        WebPImagePlugin,
+    )
+
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, fmt)
+        decode_upload(buffer.getvalue(), InputSpec(4, 4, 3, "RGB"))
+
+
+def _log_reload(task: asyncio.Task[dict[str, str | None]]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("reload failed: %s", exc)
+        return
+    for name, error in task.result().items():
+        if error:
+            log.error("reload of %s failed, previous version kept: %s", name, error)
+        else:
+            log.info("reloaded %s", name)
