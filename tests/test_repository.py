@@ -49,3 +49,26 @@ def test_resolve_errors_name_what_exists(repo: Path) -> None:
     (repo / "colors" / "config.toml").write_text("version = [\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         resolve(repo / "colors")
+
+
+def test_one_model_file_or_folder_is_named_from_its_path(repo: Path, tmp_path: Path) -> None:
+    from tinyserve.repository import model_files, model_name
+
+    (repo / "colors" / "config.toml").write_text("version = 1\n[batching]\nmax_batch_size = 4\n")
+    in_version = repo / "colors" / "2" / "model.onnx"
+    assert model_name(in_version) == "colors"
+    config, files = model_files(in_version)
+    assert (config.version, config.versions, dict(config.batching)) == (
+        2,
+        (),
+        {"max_batch_size": 4},
+    )
+    assert files == {2: in_version}
+    assert model_name(repo / "colors") == "colors"
+    assert sorted(model_files(repo / "colors")[1]) == [1, 2, 5]
+    loose = tmp_path / "shoes.onnx"
+    shutil.copy(in_version, loose)
+    assert model_name(loose) == "shoes"
+    assert model_files(loose) == (ModelConfig(), {1: loose})
+    with pytest.raises(ConfigError, match="must start with a letter or digit"):
+        model_name(loose.rename(tmp_path / "_bad.onnx"))

@@ -17,9 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
-from click.core import ParameterSource
 
 from tinyserve.errors import ConfigError
 from tinyserve.settings import (
@@ -33,7 +31,7 @@ from tinyserve.settings import (
 )
 
 
-def serve(**params: Any) -> None:
+def serve(context: typer.Context, **params: Any) -> None:
     """Serve every model in REPO, or the one --model, over HTTP with dynamic batching (see /docs).
 
     Each setting is read from its flag, else its environment variable, else a .env file in
@@ -47,8 +45,7 @@ def serve(**params: Any) -> None:
 
     from tinyserve.app import create_app
 
-    context = click.get_current_context()
-    given = {n: v for n, v in params.items() if context.get_parameter_source(n) is _COMMAND_LINE}
+    given = {n: v for n, v in params.items() if _from_command_line(context, n)}
     config, run = serve_config(given)
     logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op
@@ -85,7 +82,9 @@ def serve_config(
     return config, run
 
 
-_COMMAND_LINE = ParameterSource.COMMANDLINE
+def _from_command_line(context: typer.Context, name: str) -> bool:
+    # By name: typer has used click's ParameterSource, and now its own copy of it.
+    return getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"
 
 
 def _parameter(setting: Setting) -> inspect.Parameter:
@@ -106,4 +105,7 @@ def _parameter(setting: Setting) -> inspect.Parameter:
 
 
 # typer reads a command's options from its signature: this one is the settings table.
-serve.__signature__ = inspect.Signature([_parameter(s) for s in SETTINGS])  # type: ignore[attr-defined]
+_CONTEXT = inspect.Parameter(
+    "context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+)
+serve.__signature__ = inspect.Signature([_CONTEXT, *map(_parameter, SETTINGS)])  # type: ignore[attr-defined]
