@@ -102,7 +102,7 @@ def compare(config: CompareConfig, progress: bool = False) -> Comparison:
         for version in versions:
             path = version_path(config.model_dir, version)
             bar.describe(f"v{version}: accuracy")
-            engine = Engine(path, EngineConfig(intra_op_threads=max(config.threads)))
+            engine = Engine(path, EngineConfig(intra_op_threads=max(config.threads), spin=True))
             predicted = predict_classes(engine, test)
             del engine
             if reference_predictions is None:
@@ -239,7 +239,7 @@ def write_png(comparison: Comparison, path: Path) -> None:
 
 
 def _speed(path: Path, threads: int, test: ImageDataset, config: CompareConfig) -> Speed:
-    engine = Engine(path, EngineConfig(intra_op_threads=threads))
+    engine = Engine(path, EngineConfig(intra_op_threads=threads, spin=True))
     latency = batch1_latency(engine, test, config.latency_runs)
     rates = {
         b: round(throughput(engine, test.images, b, config.throughput_images), 1)

@@ -52,6 +52,8 @@ class ServingContext:
             config.batching,
             self.metrics,
             config.default_model,
+            model_path=config.model_path,
+            labels_path=config.labels_path,
         )
         self.decode_pool: ThreadPoolExecutor | None = None
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()

@@ -59,7 +59,7 @@ class EvalReport:
 def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
     """Run the model over the whole evaluation set and time it."""
     ref = resolve(config.target)
-    engine = Engine(ref.path, EngineConfig(intra_op_threads=config.threads))
+    engine = Engine(ref.path, EngineConfig(intra_op_threads=config.threads, spin=True))
     dataset = evaluation_set(engine.manifest, config.data, config.data_dir)
     started = time.perf_counter()
     predictions = predict_classes(

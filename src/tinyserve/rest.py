@@ -268,10 +268,10 @@ async def stats(context: ServingContext, call: Call) -> Reply:
 
 
 async def reload(context: ServingContext, call: Call) -> Reply:
-    registry, repo = context.registry, context.config.repo
+    registry = context.registry
     name = call.path_params.get("model") or registry.default_name
-    if not (repo / name).is_dir():
-        raise ModelNotFound(f"no model folder {name!r} in {repo}")
+    if name not in registry.on_disk():
+        raise ModelNotFound(f"no model {name!r} on disk in {context.config.repo}")
     try:
         loaded = await registry.load(name)
     except TinyServeError as exc:

@@ -22,7 +22,6 @@ from tinyserve.context import ServingContext
 from tinyserve.engine import Logits
 from tinyserve.errors import InvalidParameter, ModelNotFound, TinyServeError
 from tinyserve.registry import LoadedModel
-from tinyserve.repository import discover
 from tinyserve.requests import Upload
 from tinyserve.routes import Route
 from tinyserve.v2_tensors import (
@@ -252,7 +251,7 @@ async def repository_index(context: ServingContext, call: Call) -> Reply:
         ready_only = options.get("ready") is True
     registry = context.registry
     index: list[dict[str, Any]] = []
-    for name in discover(context.config.repo):
+    for name in registry.on_disk():
         if name in registry.names:
             for m in registry.versions(name):
                 index.append({"name": name, "version": str(m.version), "state": "READY"})
@@ -264,8 +263,8 @@ async def repository_index(context: ServingContext, call: Call) -> Reply:
 
 async def load(context: ServingContext, call: Call) -> Reply:
     name = call.path_params["model"]
-    if not (context.config.repo / name).is_dir():
-        raise ModelNotFound(f"no model folder {name!r} in {context.config.repo}")
+    if name not in context.registry.on_disk():
+        raise ModelNotFound(f"no model {name!r} on disk in {context.config.repo}")
     await context.registry.load(name)
     return _EMPTY_OK
 
