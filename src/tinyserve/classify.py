@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from tinyserve.engine import Engine, Logits, Prediction, softmax, top_predictions
+from tinyserve.engine import Engine, Logits, Prediction, rank
 from tinyserve.errors import InputError
 from tinyserve.imaging import DEFAULT_LIMITS, Decoded, ImageLimits, Pixels, decode_upload
 from tinyserve.requests import Upload
@@ -34,6 +34,7 @@ __all__ = [
     "Runner",
     "classify",
     "classify_sync",
+    "prediction_dicts",
 ]
 
 _T = TypeVar("_T")
@@ -116,7 +117,7 @@ async def classify(runner: Runner, uploads: Sequence[Upload], top_k: int) -> Res
         return Results(runner.name, runner.version, items, decode_s, 0.0, 0.0)
     rows = [decoded[i].pixels for i in good]  # type: ignore[union-attr]
     inferred = await runner.infer(rows)
-    ranked = top_predictions(softmax(inferred.logits), inferred.labels, top_k)
+    ranked = rank(inferred.logits, inferred.labels, top_k)
     for j, i in enumerate(good):
         item = items[i]
         item.predictions = ranked[j]
@@ -131,6 +132,16 @@ async def classify(runner: Runner, uploads: Sequence[Upload], top_k: int) -> Res
         inferred.batches_s,
         inferred.logits,
     )
+
+
+def prediction_dicts(ranked: Sequence[Prediction]) -> list[dict[str, Any]]:
+    """A ranking as every front door answers it (``class_name`` is seed 001's name for
+    ``label``)."""
+    return [
+        {"label": p.label, "class_id": p.class_id, "class_name": p.label,
+         "confidence": p.confidence}
+        for p in ranked
+    ]  # fmt: skip
 
 
 def classify_sync(runner: EngineRunner, uploads: Sequence[Upload], top_k: int) -> Results:

@@ -120,7 +120,12 @@ class Engine:
 
     def predict(self, batch: Pixels, top_k: int = 5) -> list[list[Prediction]]:
         """Top-``top_k`` predictions per image."""
-        return top_predictions(softmax(self.infer(batch)), self.labels, top_k)
+        return rank(self.infer(batch), self.labels, top_k)
+
+
+def rank(logits: Logits, labels: Sequence[str], top_k: int) -> list[list[Prediction]]:
+    """The ``top_k`` most probable classes of each row of logits, best first."""
+    return top_predictions(softmax(logits), labels, top_k)
 
 
 def softmax(logits: Logits) -> Logits:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tinyserve.classify import EngineRunner, classify_sync
+from tinyserve.classify import EngineRunner, classify_sync, prediction_dicts
 from tinyserve.datasets import IMAGE_SUFFIXES
 from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import ConfigError
@@ -61,7 +60,7 @@ def predict_files(model: str, paths: Iterable[Path], top_k: int = 5) -> list[dic
             result["error"] = {"code": done.error.code, "message": done.error.message}
         else:
             assert done.predictions is not None
-            result["predictions"] = [asdict(p) for p in done.predictions]
+            result["predictions"] = prediction_dicts(done.predictions)
     return results
 
 

@@ -19,9 +19,8 @@ from typing import Any
 from tinyserve import __version__
 from tinyserve import openapi as schemas
 from tinyserve.asgi import Call, Reply, json_reply
-from tinyserve.classify import Item, Results, classify
+from tinyserve.classify import Item, Results, classify, prediction_dicts
 from tinyserve.context import ServingContext
-from tinyserve.engine import Prediction
 from tinyserve.errors import InvalidParameter, ModelNotFound, PayloadTooLarge, TinyServeError
 from tinyserve.http_errors import error_body
 from tinyserve.metrics import PROMETHEUS_CONTENT_TYPE
@@ -70,7 +69,7 @@ async def predict(context: ServingContext, call: Call) -> Reply:
             "label": best.label,
             "class_id": best.class_id,
             "confidence": best.confidence,
-            "predictions": _predictions(item.predictions),
+            "predictions": prediction_dicts(item.predictions),
             "latency_ms": {
                 "decode": _ms(decode),
                 "queue": _ms(item.queue_s),
@@ -121,7 +120,7 @@ def seed_001_batch(results: Results, total_s: float) -> dict[str, Any]:
     done = [item for item in results.items if item.predictions is not None]
     total_ms = _ms(total_s)
     body["batch_predictions"] = [
-        {"image_index": item.index, "predictions": _predictions(item.predictions)}
+        {"image_index": item.index, "predictions": prediction_dicts(item.predictions)}
         for item in done
         if item.predictions is not None
     ]
@@ -146,17 +145,9 @@ def _item(item: Item) -> dict[str, Any]:
     return {
         "index": item.index,
         "filename": item.filename,
-        "predictions": _predictions(item.predictions) if item.predictions is not None else None,
+        "predictions": prediction_dicts(item.predictions) if item.predictions is not None else None,
         "error": error_body(item.error) if item.error is not None else None,
     }
-
-
-def _predictions(ranked: list[Prediction]) -> list[dict[str, Any]]:
-    return [
-        {"label": p.label, "class_id": p.class_id, "class_name": p.label,
-         "confidence": p.confidence}
-        for p in ranked
-    ]  # fmt: skip
 
 
 def _ms(seconds: float) -> float:

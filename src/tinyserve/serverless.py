@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tinyserve.classify import EngineRunner, classify_sync
+from tinyserve.classify import EngineRunner, classify_sync, prediction_dicts
 from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import ConfigError, ImageDecodeError, ModelError, TinyServeError
 from tinyserve.http_errors import error_reply
@@ -163,10 +163,7 @@ def handler(event: Event, context: object = None) -> Response:
         "class_id": best.class_id,
         "pred_index": best.class_id,  # seed 003
         "confidence": best.confidence,
-        "predictions": [
-            {"label": p.label, "class_id": p.class_id, "confidence": p.confidence}
-            for p in item.predictions
-        ],
+        "predictions": prediction_dicts(item.predictions),
         "timings": {
             "model_load_s": round(model.load_seconds if cold else 0.0, 6),
             "preprocess_s": round(results.decode_s, 6),
