@@ -62,12 +62,11 @@ def path_params(path: str) -> list[str]:
 class Guard:
     """A route as a bare ASGI app: admission, handler, errors, metrics, access log."""
 
-    __slots__ = ("context", "route", "name")
+    __slots__ = ("context", "route")
 
     def __init__(self, context: ServingContext, route: Route) -> None:
         self.context = context
         self.route = route
-        self.name = route.path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
