@@ -4,21 +4,30 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+LOCK := requirements.lock
+# Named after the lock and pyproject.toml, so editing either reinstalls.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install data run test lint typecheck pytest format bench bench-compare clean
+.PHONY: help install lock data run test lint typecheck pytest format bench bench-compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml
+# Exactly the locked versions (--no-deps: a package missing from the lock is not fetched
+# unpinned, pip check names it instead), then tinyserve itself.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@$(BIN)/python -m pip check || { echo "$(LOCK) misses a requirement: make lock" >&2; exit 1; }
 	@rm -f $(VENV)/.installed-* && touch $@
 
-install: $(STAMP) data  ## create .venv with tinyserve[dev] and fetch the dataset
+install: $(STAMP) data  ## create .venv with the locked tinyserve[dev,bench] and fetch the dataset
+
+lock:  ## re-resolve tinyserve[dev,bench] in a fresh venv and write requirements.lock
+	@PYTHON=$(PYTHON) LOCK=$(LOCK) bash scripts/lock.sh
 
 data:  ## install Debian's dataset-fashion-mnist when it is missing
 	@bash scripts/ensure-dataset.sh
@@ -43,7 +52,6 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff format src tests scripts benchmarks
 
 bench-compare: install  ## tinyserve vs FastAPI, LitServe and bare ONNX Runtime (about 25 minutes)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python benchmarks/compare_servers.py --reps 3 --duration 5 --out runs/compare-servers
 
 bench: bench-compare  ## every performance check of benchmarks/RESULTS.md (about 35 minutes)
