@@ -95,8 +95,10 @@ def test_bench_model_reports_every_step(tiny_repo: Path) -> None:
         lat = r["latency_ms"]
         assert r["runs"] >= 3 and lat["count"] == r["runs"]
         assert 0 < lat["min"] <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
-        expected = r["batch_size"] * 1000 / lat["mean"]
-        assert r["throughput_ips"] == pytest.approx(expected, rel=0.01)
+        # throughput is batch / mean latency; the mean is printed to 0.1 us, near 1% of a
+        # batch-1 run of this tiny model on a fast CPU, so allow exactly that rounding
+        slowest, fastest = (r["batch_size"] * 1000 / (lat["mean"] + d) for d in (5e-5, -5e-5))
+        assert slowest - 0.005 <= r["throughput_ips"] <= fastest + 0.005
         assert r["peak_rss_mb"] > 0
     assert set(data["load"]) == {"1", "2"} and len(seen) == 6
 

@@ -16,7 +16,9 @@ from tinyserve.quantize import QuantizeConfig, quantize
 def two_versions(tiny_repo: Path, image_folder: Path, tmp_path: Path) -> Path:
     """The tiny model (v1) and its dynamic INT8 quantization (v2)."""
     model_dir = Path(shutil.copytree(tiny_repo / "colors", tmp_path / "repo" / "colors"))
-    quantize(QuantizeConfig(model_dir, mode="dynamic", data=str(image_folder)))
+    # forced: whether INT8 flips one of the 12 test images depends on the CPU's kernels, and
+    # the comparison measures v2 either way (the gate has its own tests)
+    quantize(QuantizeConfig(model_dir, mode="dynamic", data=str(image_folder), force=True))
     return model_dir
 
 
@@ -33,7 +35,7 @@ def test_compare_measures_every_version(two_versions: Path, image_folder: Path) 
     assert [r.version for r in result.rows] == [1, 2]
     assert [r.method for r in result.rows] == ["fp32", "dynamic-int8"]
     assert result.reference_version == 1 and result.samples == 12
-    assert result.rows[0].agreement == 1.0
+    assert result.rows[0].agreement == 1.0  # v1 against itself: the same kernels, bit for bit
     for row in result.rows:
         assert row.bytes == (two_versions / str(row.version) / "model.onnx").stat().st_size
         assert [s.threads for s in row.speeds] == [1, 2]

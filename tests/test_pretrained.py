@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -34,6 +35,21 @@ TRUE_CLASSES = {
 }
 
 pytestmark = pytest.mark.slow
+
+
+def assert_same_ranking(a: list[dict[str, Any]], b: list[dict[str, Any]], tolerance: float) -> None:
+    """The same top-1 and scores; labels trade places only where their scores are within
+    ``tolerance`` of each other (a near tie, like camera.png's two classes at 0.8%)."""
+    assert a[0]["label"] == b[0]["label"]
+    for first, second in zip(a, b, strict=True):
+        assert first["confidence"] == pytest.approx(second["confidence"], abs=tolerance)
+    scores_a = {p["label"]: p["confidence"] for p in a}
+    scores_b = {p["label"]: p["confidence"] for p in b}
+    for label in scores_a.keys() & scores_b.keys():
+        assert scores_a[label] == pytest.approx(scores_b[label], abs=tolerance), label
+    edge = min(*scores_a.values(), *scores_b.values()) + tolerance
+    for label in scores_a.keys() ^ scores_b.keys():  # in one top-k only: a tie at its edge
+        assert max(scores_a.get(label, 0.0), scores_b.get(label, 0.0)) <= edge, label
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +151,8 @@ def test_an_onnx_export_of_the_network_imports_to_the_same_predictions(
     imported = predict_files(str(tmp_path / "lite0-onnx"), [PHOTOS], top_k=5)
     exported = predict_files(str(lite0), [PHOTOS], top_k=5)
     for a, b in zip(imported, exported, strict=True):
-        assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+        # two graphs of one FP32 network: scores ~1e-7 apart here, on any CPU far below 1e-4
+        assert_same_ranking(a["predictions"], b["predictions"], tolerance=1e-4)
 
 
 def test_a_batch_size_baked_into_the_graph_is_reported(
@@ -160,7 +177,7 @@ def test_the_server_answers_like_predict(lite0: Path) -> None:
     from tinyserve.app import ServerConfig, create_app
 
     local = predict_files(str(lite0), [PHOTOS], top_k=5)
-    expected = {Path(i["image"]).name: [p["label"] for p in i["predictions"]] for i in local}
+    expected = {Path(i["image"]).name: i["predictions"] for i in local}
     config = ServerConfig(repo=lite0.parent, default_model="efficientnet-lite0")
     with TestClient(create_app(config)) as client:
         for photo, truth in TRUE_CLASSES.items():
@@ -170,6 +187,8 @@ def test_the_server_answers_like_predict(lite0: Path) -> None:
                 headers={"content-type": "application/octet-stream"},
             )
             assert response.status_code == 200, response.text
-            labels = [p["label"] for p in response.json()["predictions"]]
-            assert labels == expected[photo]
+            predictions = response.json()["predictions"]
+            # the same file and kernels; only the batch they ran in may differ
+            assert_same_ranking(predictions, expected[photo], tolerance=1e-5)
+            labels = [p["label"] for p in predictions]
             assert truth & set(labels), f"{photo}: {labels}"

@@ -35,6 +35,7 @@ def test_dropping_dead_channels_changes_nothing() -> None:
     transfer_channels(wide, narrow)
     x = torch.randn(5, 1, 12, 12)
     with torch.no_grad():
+        # sums over 8 channels (half of them exact zeros) or 4 may round apart by a few ulp
         torch.testing.assert_close(narrow(x), wide(x), rtol=1e-5, atol=1e-5)
     assert _parameters(narrow) < _parameters(wide) / 2
 
