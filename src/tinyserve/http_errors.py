@@ -100,7 +100,7 @@ def error_reply(exc: BaseException, shape: Shape = "rest") -> ErrorReply:
         body: dict[str, object] = {"error": error.message}
     else:
         body = {"error": error_body(error)}
-    return ErrorReply(status, json.dumps(body).encode(), headers)
+    return ErrorReply(status, json.dumps(body, separators=(",", ":")).encode(), headers)
 
 
 def error_body(error: TinyServeError) -> dict[str, str]:
