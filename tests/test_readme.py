@@ -70,10 +70,10 @@ def assert_shown(shown: Any, real: Any, where: str = "answer") -> None:
 def test_the_curl_answer_is_what_the_server_says(app_client: Callable[..., TestClient]) -> None:
     serve, _ = console_after(r"\$ tinyserve serve --repo (\S+) &")
     (repo,) = serve.groups()
-    match, output = console_after(r"\$ curl --data-binary @(\S+) '[^/']*(/[^']+)'")
+    match, output = console_after(r"\$ curl --data-binary @(\S+) '(?:https?://)?[^/']*(/[^']+)'")
     image, target = match.groups()
     shown = without_elisions("".join(output))
-    assert shown["label"] == shown["predictions"][0]["label"]  # so both are checked below
+    assert shown["label"] == shown["predictions"][0]["label"]  # the example agrees with itself
 
     client = app_client(repo=ROOT / repo)
     # what curl --data-binary sends: the file's bytes as a form body
