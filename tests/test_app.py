@@ -135,6 +135,7 @@ def test_batch_results_equal_single_results(client: TestClient) -> None:
             [p["confidence"] for p in single],
             [p["confidence"] for p in result["predictions"]],
             rtol=1e-5,
+            atol=1e-6,  # a batch may run other kernels than one image; tiny classes differ most
         )
 
 

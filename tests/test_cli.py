@@ -66,7 +66,9 @@ def test_evaluate_the_bundled_model_through_onnx_runtime(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["samples"] == 10000
-    assert report["accuracy"] >= 0.93
+    # The INT8 version scores 93.5-93.6 % on the CPUs seen so far; the bound leaves room for
+    # other kernels' rounding and still fails a broken model.
+    assert report["accuracy"] >= 0.925
     assert report["bytes"] <= 2_000_000
     assert sum(map(sum, report["confusion"])) == 10000
     assert (tmp_path / "confusion.png").stat().st_size > 10_000

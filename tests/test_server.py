@@ -100,6 +100,14 @@ def samples() -> list[Path]:
     return sorted(SAMPLES.glob("*.png"))
 
 
+def wait_until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.02)
+
+
 def test_serves_predictions_and_never_loads_torch(serve: Callable[..., Server]) -> None:
     server = serve()
     response = httpx.post(f"{server.url}/predict", content=samples()[0].read_bytes())
@@ -173,7 +181,7 @@ def test_hot_reload_under_load_drops_nothing(serve: Callable[..., Server], tmp_p
     workers = [threading.Thread(target=load) for _ in range(4)]
     for w in workers:
         w.start()
-    time.sleep(0.5)
+    wait_until(lambda: len(results) > 0)  # the old version has answered, however slow the CPU
     served, new = resolve(repo / "fashion-cnn").version, next_version(repo / "fashion-cnn")
     shutil.copytree(repo / "fashion-cnn" / "1", repo / "fashion-cnn" / str(new))
     reload = httpx.post(
@@ -181,7 +189,7 @@ def test_hot_reload_under_load_drops_nothing(serve: Callable[..., Server], tmp_p
         headers={"authorization": f"Bearer {TOKEN}"},
         timeout=30,
     )
-    time.sleep(0.5)
+    wait_until(lambda: any(v == new for _, v in results[-4:]))
     stop.set()
     for w in workers:
         w.join()
@@ -209,7 +217,7 @@ def test_sighup_reloads(serve: Callable[..., Server], tmp_path: Path) -> None:
 
 def test_sigterm_finishes_every_admitted_request(serve: Callable[..., Server]) -> None:
     # A long batching delay keeps requests waiting inside the server when SIGTERM arrives.
-    server = serve("--max-delay-ms", "400", "--max-batch-size", "64")
+    server = serve("--max-delay-ms", "3000", "--max-batch-size", "64")
     body = samples()[0].read_bytes()
 
     async def scenario() -> list[httpx.Response]:
@@ -218,7 +226,12 @@ def test_sigterm_finishes_every_admitted_request(serve: Callable[..., Server]) -
                 asyncio.create_task(client.post(f"{server.url}/predict", content=body))
                 for _ in range(16)
             ]
-            await asyncio.sleep(0.15)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until all 16 wait inside the server
+                metrics = (await client.get(f"{server.url}/metrics")).text
+                if 'tinyserve_queue_depth{model="fashion-cnn"} 16.0' in metrics:
+                    break
+                await asyncio.sleep(0.02)
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
 

@@ -153,7 +153,7 @@ def test_json_uint8_nested_and_flat_match_rest(client: TestClient) -> None:
         probs = np.array(out["data"]).reshape(2, 10)
         for path, row in zip(PNGS[:2], probs, strict=True):
             rest = rest_probabilities(client, path)
-            assert np.allclose([rest[c] for c in range(10)], row, atol=1e-6)
+            assert np.allclose([rest[c] for c in range(10)], row, atol=1e-5)
 
 
 def test_binary_uint8_and_bytes_images_agree(client: TestClient) -> None:
@@ -187,7 +187,7 @@ def test_binary_uint8_and_bytes_images_agree(client: TestClient) -> None:
     assert np.allclose(np.frombuffer(raw, "<f4").reshape(len(PNGS), 10), logits, atol=1e-5)
     for path, row in zip(PNGS, probs, strict=True):
         rest = rest_probabilities(client, path)
-        assert np.allclose([rest[c] for c in range(10)], row, atol=1e-6)
+        assert np.allclose([rest[c] for c in range(10)], row, atol=1e-5)
 
 
 def test_json_bytes_with_classification_and_gzip(client: TestClient) -> None:
@@ -431,7 +431,7 @@ def test_tritonclient_against_a_served_model(tmp_path: Path) -> None:
             tensor.set_data_from_numpy(batch, binary_data=binary)
             wanted = [triton.InferRequestedOutput("probabilities", binary_data=binary)]
             result = client.infer("fashion-cnn", [tensor], outputs=wanted)
-            assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+            assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
 
         images = np.array([p.read_bytes() for p in PNGS], dtype=np.object_)
         tensor = triton.InferInput("image", [len(PNGS)], "BYTES")
@@ -442,7 +442,7 @@ def test_tritonclient_against_a_served_model(tmp_path: Path) -> None:
         ]
         result = client.infer("fashion-cnn", [tensor], outputs=wanted, request_id="r1")
         assert result.get_response()["id"] == "r1"
-        assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+        assert np.allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
         top = [s.decode().split(":", 2) for s in result.as_numpy("logits").reshape(-1)]
         assert [r[0]["label"] for r in rest] == [label for _, _, label in top]
 
@@ -467,7 +467,8 @@ def test_tritonclient_against_a_served_model(tmp_path: Path) -> None:
 def test_v2_and_rest_requests_share_batches(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(BUNDLED_MODEL / "1", repo / "fashion-cnn" / "1")
-    server = Server(repo, "--max-delay-ms", "5")
+    # A batch waits up to 1 s for company: on any machine the 48 requests arrive within it.
+    server = Server(repo, "--max-delay-ms", "1000")
     png = PNGS[0].read_bytes()
     encoded = bytes_tensor([png])
     v2_body, v2_headers = binary_request(
