@@ -100,11 +100,11 @@ class App:
         self.router = router
         self.state = router.state
         self._dispatch = dispatch
-        self._entry: ASGIApp = self._route
+        self._cors: ASGIApp | None = None
         if context.config.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
 
-            self._entry = CORSMiddleware(
+            self._cors = CORSMiddleware(
                 self._route,
                 allow_origins=list(context.config.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
@@ -113,7 +113,10 @@ class App:
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._entry(scope, receive, send)
+        if self._cors is not None:
+            await self._cors(scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

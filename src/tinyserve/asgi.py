@@ -85,7 +85,7 @@ class Call:
         return str(client[0]) if client else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     """A complete response, as every handler returns it."""
 

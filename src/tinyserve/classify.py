@@ -40,7 +40,7 @@ __all__ = [
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inferred:
     """Logits for decoded images, and which version ran them, with its labels."""
 
@@ -83,7 +83,7 @@ class Item:
     inference_s: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Results:
     """Every image's result, in upload order, with where the time went."""
 

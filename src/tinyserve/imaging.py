@@ -49,7 +49,7 @@ class ImageLimits:
 DEFAULT_LIMITS = ImageLimits()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decoded:
     """Model-ready pixels, and the ``[rows, cols, channels]`` of the image as uploaded
     (upright, after its EXIF orientation; channels as stored: 1 grey, 3 RGB, 4 with alpha)."""

@@ -35,7 +35,7 @@ _SINGLE_FIELDS = ("file", "image", "files")
 _BATCH_FIELDS = ("files", "file", "images", "image")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Upload:
     """One encoded image as it arrived, with the file name a form gave it."""
 
@@ -43,7 +43,7 @@ class Upload:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Parsed:
     """The images of a request and the ``top_k`` its body asked for (None: not given)."""
 
