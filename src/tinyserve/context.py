@@ -172,19 +172,13 @@ class ServedRunner:
     the place of the one the request looked up.
     """
 
-    __slots__ = ("context", "model")
+    __slots__ = ("context", "model", "name", "version")
 
     def __init__(self, context: ServingContext, model: LoadedModel) -> None:
         self.context = context
         self.model = model
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def version(self) -> int:
-        return self.model.version
+        self.name = model.name
+        self.version = model.version
 
     async def decode_all(self, images: Sequence[bytes]) -> list[Decoded | InputError]:
         spec = self.model.manifest.input
@@ -204,6 +198,7 @@ class ServedRunner:
     async def infer(self, rows: list[Pixels]) -> Inferred:
         # live() just before submitting, with no await in between: see LoadedModel.live.
         model = self.model = self.model.live()
+        self.version = model.version
         if len(rows) == 1:
             row, timing = await model.infer_one(rows[0])
             return Inferred(row[None, :], (timing.queue,), (timing.inference,), timing.inference,
