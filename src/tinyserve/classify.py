@@ -155,18 +155,10 @@ class EngineRunner:
     def __init__(self, engine: Engine, name: str, version: int,
                  limits: ImageLimits = DEFAULT_LIMITS, chunk: int = 64) -> None:  # fmt: skip
         self.engine = engine
-        self._name = name
-        self._version = version
+        self.name = name
+        self.version = version
         self.limits = limits
         self.chunk = chunk
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> int:
-        return self._version
 
     async def decode_all(self, images: Sequence[bytes]) -> list[Decoded | InputError]:
         spec = self.engine.manifest.input
@@ -190,7 +182,7 @@ class EngineRunner:
             times += [seconds] * len(chunk)
             total += seconds
         logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return Inferred(logits, [0.0] * len(rows), times, total, self._version, self.engine.labels)
+        return Inferred(logits, [0.0] * len(rows), times, total, self.version, self.engine.labels)
 
 
 def _drive(coroutine: Coroutine[Any, Any, _T]) -> _T:

@@ -101,10 +101,7 @@ class _Model:
     engine: Engine
     load_seconds: float
     config: HandlerConfig
-
-    @property
-    def runner(self) -> EngineRunner:
-        return EngineRunner(self.engine, self.ref.name, self.ref.version, self.config.limits)
+    runner: EngineRunner
 
 
 _model: _Model | None = None  # one per container, built by the first call
@@ -127,7 +124,8 @@ def load(config: HandlerConfig) -> _Model:
         if is_remote(config.model_uri):
             forget(ref.path)  # an unusable download must not be reused by the next start
         raise
-    return _Model(ref, engine, time.perf_counter() - started, config)
+    runner = EngineRunner(engine, ref.name, ref.version, config.limits)
+    return _Model(ref, engine, time.perf_counter() - started, config, runner)
 
 
 def handler(event: Event, context: object = None) -> Response:

@@ -39,6 +39,7 @@ __all__ = ["V2_ROUTES"]
 PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = "inference-header-content-length"
 _EMPTY_OK = Reply(200, b"", None, b"text/plain")
+_EMPTY_BAD = Reply(400, b"", None, b"text/plain")  # V2's "not ready"
 
 
 def _model(context: ServingContext, call: Call) -> LoadedModel:
@@ -64,14 +65,14 @@ async def live(context: ServingContext, call: Call) -> Reply:
 async def ready(context: ServingContext, call: Call) -> Reply:
     registry = context.registry
     ok = registry.ready and bool(registry.names) and not registry.errors
-    return _EMPTY_OK if ok else Reply(400, b"", None, b"text/plain")
+    return _EMPTY_OK if ok else _EMPTY_BAD
 
 
 async def model_ready(context: ServingContext, call: Call) -> Reply:
     try:
         _model(context, call)
     except TinyServeError:
-        return Reply(400, b"", None, b"text/plain")
+        return _EMPTY_BAD
     return _EMPTY_OK
 
 
