@@ -114,16 +114,15 @@ def batch_body(results: Results, total_s: float) -> dict[str, Any]:
 def seed_001_batch(results: Results, total_s: float) -> dict[str, Any]:
     """``batch_body`` plus seed 001's fields, which list the classified images only."""
     body = batch_body(results, total_s)
-    done = [item for item in results.items if item.predictions is not None]
-    total_ms = _ms(total_s)
-    body["batch_predictions"] = [
-        {"image_index": item.index, "predictions": prediction_dicts(item.predictions)}
-        for item in done
-        if item.predictions is not None
+    total_ms = body["latency_ms"]["total"]
+    body["batch_predictions"] = [  # the same prediction lists as "results", not a copy
+        {"image_index": r["index"], "predictions": r["predictions"]}
+        for r in body["results"]
+        if r["predictions"] is not None
     ]
-    body["num_images"] = len(done)
+    body["num_images"] = done = len(body["batch_predictions"])
     body["total_inference_time_ms"] = total_ms
-    body["average_time_per_image_ms"] = round(total_ms / max(1, len(done)), 3)
+    body["average_time_per_image_ms"] = round(total_ms / max(1, done), 3)
     return body
 
 
