@@ -29,8 +29,8 @@ install: $(STAMP) data  ## create .venv with the locked tinyserve[dev,bench] and
 lock:  ## re-resolve tinyserve[dev,bench] in a fresh venv and write requirements.lock
 	@PYTHON=$(PYTHON) LOCK=$(LOCK) bash scripts/lock.sh
 
-data:  ## install Debian's dataset-fashion-mnist when it is missing
-	@bash scripts/ensure-dataset.sh
+data:  ## install the Debian packages in use (dataset, chromium, redis, promtool, nginx) if missing
+	@bash scripts/ensure-system.sh
 
 run: install  ## serve the bundled model and classify the samples through it (ONCE=1 to stop after)
 	@VENV=$(VENV) HOST=$(HOST) PORT=$(PORT) bash scripts/run-demo.sh

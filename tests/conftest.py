@@ -16,7 +16,8 @@ from tinyserve.datasets import FASHION_MNIST_DIR
 if TYPE_CHECKING:
     from tinyserve.training.train import TrainConfig
 
-pytest_plugins = ["s3_endpoint"]  # the s3 / s3_endpoint fixtures (moto on loopback)
+# s3 / s3_endpoint: moto on loopback; serve: a real `tinyserve serve` process on loopback
+pytest_plugins = ["s3_endpoint", "live_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = ROOT / "models" / "fashion-cnn"

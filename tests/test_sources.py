@@ -130,7 +130,7 @@ def test_a_failed_download_leaves_no_partial_file(s3: S3Endpoint, tmp_path: Path
 
 @pytest.mark.slow
 def test_serve_from_an_s3_repository(s3: S3Endpoint, tmp_path: Path) -> None:
-    from test_server import Server
+    from live_server import Server
 
     bucket = upload_repo(s3)
     server = Server(f"s3://{bucket}/repo", "--cache-dir", str(tmp_path / "cache"))  # type: ignore[arg-type]

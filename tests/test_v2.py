@@ -19,8 +19,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from conftest import BUNDLED_MODEL, SAMPLES
-from test_server import TOKEN as SERVER_TOKEN
-from test_server import Server, _batch_sizes
+from live_server import TOKEN as SERVER_TOKEN
+from live_server import Server
+from test_server import _batch_sizes
 from tinyserve.bench.client import Target, encode_body, image_request
 from tinyserve.imaging import load_image
 from tinyserve.manifest import InputSpec
