@@ -6,6 +6,7 @@ share or double-register collectors.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -15,7 +16,16 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "InferenceStats", "Metrics"]
 
@@ -50,6 +60,10 @@ class Metrics:
 
     def __init__(self, window: int = 10_000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The process (RSS, CPU, open files, threads), GC and platform families, as the default
+        # registry has them: the collectors are stateless readers, so sharing them is safe.
+        for collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+            self.registry.register(collector)
         self.requests = Counter(
             "tinyserve_requests",
             "HTTP requests by route and status code.",
@@ -101,6 +115,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.threads = Gauge(
+            "tinyserve_threads",
+            "OS threads of the server process (event loop, pools, ONNX Runtime).",
+            registry=self.registry,
+        )
+        self.threads.set_function(_thread_count)
         self.started = time.time()
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=window)
@@ -246,3 +266,11 @@ class Metrics:
                 for name, (n, bad, s, _) in per_model.items()
             },
         }
+
+
+def _thread_count() -> float:
+    """Every thread of the process on Linux (ONNX Runtime's too); Python's own elsewhere."""
+    try:
+        return float(len(os.listdir("/proc/self/task")))
+    except OSError:
+        return float(threading.active_count())
