@@ -58,6 +58,7 @@ class ServerConfig:
     decode_threads: int = 2
     inline_decode_bytes: int = 16 * 1024
     admin_token: str | None = None
+    api_keys: Path | None = None  # the key file (tinyserve.auth); None: no API keys
     cors_origins: tuple[str, ...] = ()
     rate_limit: float = 0.0
     drain_timeout_s: float = 10.0
@@ -87,6 +88,7 @@ class RunConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    allow_anonymous: bool = False  # a non-loopback host without API keys, and no warning
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -254,6 +256,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "admin_token", str, "admin_token", "Enables /admin routes; callers send 'Authorization: "
         "Bearer TOKEN'. At least 8 characters.", _HTTP, shown_default="no /admin routes",
+    ),
+    Setting(
+        "api_keys", Path, "api_keys", "API key file ('tinyserve keys create'): predictions then "
+        "need a key with the predict scope, admin routes one with admin (or the admin token). "
+        "Re-read on SIGHUP and POST /admin/keys/reload.", _HTTP, shown_default="no keys",
+    ),
+    Setting(
+        "allow_anonymous", bool, "run.allow_anonymous", "Serve a non-loopback --host without "
+        "API keys, and without the warning that this is open to anyone.", _HTTP,
     ),
     Setting(
         "cors_origin", str, "cors_origins", "Allow browser calls from this origin (repeat, or "

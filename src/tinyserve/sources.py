@@ -86,15 +86,16 @@ def materialize(source: str | Path, cache_dir: Path | None = None) -> Path:
     return sync(source, cache_dir).path
 
 
-def sync(source: str | Path, cache_dir: Path | None = None) -> SyncResult:
-    """Mirror ``source`` into ``cache_dir`` (a local path is returned untouched)."""
+def sync(source: str | Path, cache_dir: Path | None = None, into: Path | None = None) -> SyncResult:
+    """Mirror ``source`` into ``cache_dir`` (a local path is returned untouched), or into the
+    folder ``into`` itself (``tinyserve pull``: model files absent from the source are removed)."""
     if not is_remote(source):
         path = Path(source)
         if not path.exists():
             raise ModelNotFound(f"{path} does not exist")
         return SyncResult(path)
     location = S3Location.parse(str(source))
-    root = (cache_dir or default_cache_dir()) / "s3" / location.bucket / location.prefix
+    root = into or (cache_dir or default_cache_dir()) / "s3" / location.bucket / location.prefix
     root.mkdir(parents=True, exist_ok=True)
     client = _client()
     with _locked(root):

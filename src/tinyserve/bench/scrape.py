@@ -56,29 +56,35 @@ async def scrape(target: Target, timeout: float = 5.0) -> tuple[Snapshot | None,
         return None, f"{connection.target.url} is not Prometheus text: {exc}"
 
 
+def increase(
+    before: Snapshot, after: Snapshot, name: str, group_by: str | None = None, **match: str
+) -> dict[str, float]:
+    """Increase of ``name`` summed over series matching ``match``, grouped by a label."""
+    out: dict[str, float] = defaultdict(float)
+    for (sample, labels), value in after.items():
+        if sample != name:
+            continue
+        labelled = dict(labels)
+        if any(labelled.get(k) != v for k, v in match.items()):
+            continue
+        # A series that appeared during the step (or was reset) counts from zero.
+        previous = before.get((sample, labels), 0.0)
+        grown = value - previous if value >= previous else value
+        out[labelled.get(group_by, "") if group_by else ""] += grown
+    return dict(out)
+
+
 def server_delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     """What the server did between two snapshots: batch sizes, stage times, request counts."""
 
     def delta(name: str, group_by: str | None = None, **match: str) -> dict[str, float]:
-        """Increase of ``name`` summed over series matching ``match``, grouped by a label."""
-        out: dict[str, float] = defaultdict(float)
-        for (sample, labels), value in after.items():
-            if sample != name:
-                continue
-            labelled = dict(labels)
-            if any(labelled.get(k) != v for k, v in match.items()):
-                continue
-            # A series that appeared during the step (or was reset) counts from zero.
-            previous = before.get((sample, labels), 0.0)
-            grown = value - previous if value >= previous else value
-            out[labelled.get(group_by, "") if group_by else ""] += grown
-        return dict(out)
+        return increase(before, after, name, group_by, **match)
 
     result: dict[str, Any] = {}
     batches = delta(f"{BATCH}_count").get("", 0.0)
     if batches:
         images = delta(f"{BATCH}_sum").get("", 0.0)
-        buckets = _cumulative(delta(f"{BATCH}_bucket", "le"))
+        buckets = cumulative(delta(f"{BATCH}_bucket", "le"))
         result["batch_size"] = {
             "batches": int(batches),
             "images": int(images),
@@ -91,7 +97,7 @@ def server_delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     sums = delta(f"{STAGES}_sum", "stage")
     for stage, n in sorted(counts.items()):
         if n:
-            buckets = _cumulative(delta(f"{STAGES}_bucket", "le", stage=stage))
+            buckets = cumulative(delta(f"{STAGES}_bucket", "le", stage=stage))
             stages[stage] = {
                 "count": int(n),
                 "mean_ms": round(sums.get(stage, 0.0) / n * 1000, 4),
@@ -109,7 +115,7 @@ def server_delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     return result
 
 
-def _cumulative(by_le: Mapping[str, float]) -> list[tuple[float, float]]:
+def cumulative(by_le: Mapping[str, float]) -> list[tuple[float, float]]:
     return sorted((float(le), count) for le, count in by_le.items())
 
 

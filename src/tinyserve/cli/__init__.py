@@ -1,8 +1,9 @@
 """The ``tinyserve`` command line: thin subcommands over the library, one module per family.
 
 ``train`` (train, export, prune, distill, import), ``models`` (evaluate, quantize, predict),
-``serve`` and ``bench``. Heavy imports (torch, onnxruntime, uvicorn) happen inside each
-command, so ``--help`` is fast and ``serve`` never imports torch.
+``serve``, ``bench``, ``pull`` (S3 into a folder) and ``monitor`` (a live view of servers).
+Heavy imports (torch, onnxruntime, uvicorn) happen inside each command, so ``--help`` is fast
+and ``serve`` never imports torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from tinyserve import __version__
-from tinyserve.cli import bench, models, serve, train
+from tinyserve.cli import bench, models, monitor, pull, serve, train
 from tinyserve.errors import TinyServeError
 
 app = typer.Typer(
@@ -48,6 +49,8 @@ app.command()(models.quantize)
 app.command()(train.prune)
 app.command()(train.distill)
 app.command("import")(train.import_model)
+app.command()(pull.pull)
+app.command()(monitor.monitor)
 app.add_typer(bench.app)
 
 
