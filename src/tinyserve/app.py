@@ -32,6 +32,7 @@ from tinyserve.rest import REST_ROUTES
 from tinyserve.routes import Dispatch, Guard, Route
 from tinyserve.settings import ServerConfig
 from tinyserve.v2 import V2_ROUTES
+from tinyserve.webpage import WEB_ROUTES
 
 __all__ = ["ROUTES", "App", "ServerConfig", "create_app"]
 
@@ -81,6 +82,7 @@ ROUTES: tuple[Route, ...] = (
         response_type="application/octet-stream",
         statuses=(404,),
     ),  # fmt: skip
+    *WEB_ROUTES,
 )
 
 
@@ -127,9 +129,15 @@ class App:
         await self.router(scope, receive, send)
 
 
+def _queue_depths(context: ServingContext) -> dict[str, int]:
+    registry = context.registry
+    return {name: sum(m.batcher.depth for m in registry.versions(name)) for name in registry.names}
+
+
 def create_app(config: ServerConfig | None = None) -> App:
     """Build the ASGI app; models load in its lifespan."""
     context = ServingContext(config or ServerConfig())
+    context.metrics.queue_probe = functools.partial(_queue_depths, context)
     guards = {(r.method, r.path): Guard(context, r) for r in ROUTES}
 
     @contextlib.asynccontextmanager

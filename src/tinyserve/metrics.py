@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -131,6 +131,9 @@ class Metrics:
         self._versions: dict[tuple[str, str], InferenceStats] = {}
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._stage_children: dict[str, tuple[Any, ...]] = {}
+        # Requests waiting for or in inference, by model; the app sets it (the batchers
+        # live in the registry, above this module).
+        self.queue_probe: Callable[[], Mapping[str, int]] | None = None
 
     def observe_request(self, route: str, status: int, seconds: float, model: str | None) -> None:
         """Record one finished prediction request (health and metrics scrapes are not counted)."""
@@ -265,7 +268,69 @@ class Metrics:
                 }
                 for name, (n, bad, s, _) in per_model.items()
             },
+            # For live views (the web page's dashboard); added after the seed's fields.
+            "queue_depth": dict(self.queue_probe()) if self.queue_probe is not None else {},
+            "batch_sizes": self._batch_sizes(),
+            "requests_by_status": self._by_status(),
+            "errors_by_code": self._errors_by_code(),
+            "models_loaded": self._models_loaded(),
         }
+
+    def _batch_sizes(self) -> dict[str, int]:
+        """Batches run so far by size bucket ("1", "2", "3-4", ... ">512"), all models."""
+        counts = dict.fromkeys(_bucket_names(), 0)
+        for family in self.batch_size.collect():
+            previous: dict[str, float] = {}
+            for sample in family.samples:
+                if not sample.name.endswith("_bucket"):
+                    continue
+                model = sample.labels["model"]
+                below = previous.get(model, 0.0)
+                le = sample.labels["le"]
+                name = _BUCKET_NAMES.get(le, _OVER)
+                counts[name] += int(sample.value - below)
+                previous[model] = sample.value
+        return counts
+
+    def _by_status(self) -> dict[str, int]:
+        """Requests answered by status code, every route."""
+        totals: dict[str, int] = {}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    status = sample.labels["status"]
+                    totals[status] = totals.get(status, 0) + int(sample.value)
+        return dict(sorted(totals.items()))
+
+    def _errors_by_code(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for family in self.errors.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    code = sample.labels["code"]
+                    totals[code] = totals.get(code, 0) + int(sample.value)
+        return dict(sorted(totals.items()))
+
+    def _models_loaded(self) -> list[dict[str, str]]:
+        return [
+            {"model": sample.labels["model"], "version": sample.labels["version"]}
+            for family in self.model_loaded.collect()
+            for sample in family.samples
+            if sample.value == 1
+        ]
+
+
+def _bucket_names() -> list[str]:
+    return [*_BUCKET_NAMES.values(), _OVER]
+
+
+# The batch-size histogram's upper bounds as prometheus_client writes them ("4.0"), named
+# by the sizes each bucket holds: "1", "2", "3-4", "5-8"...
+_BUCKET_NAMES = {
+    f"{float(upper)}": str(upper) if upper <= lower + 1 else f"{lower + 1}-{upper}"
+    for lower, upper in zip((0, *_BATCH_BUCKETS), _BATCH_BUCKETS, strict=False)
+}
+_OVER = f">{_BATCH_BUCKETS[-1]}"
 
 
 def _thread_count() -> float:

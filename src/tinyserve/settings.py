@@ -63,6 +63,7 @@ class ServerConfig:
     rate_limit: float = 0.0
     drain_timeout_s: float = 10.0
     access_log: bool = False
+    reports_dir: Path | None = None  # `bench http --report` pages the web page lists
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1 or self.max_batch_images < 1:
@@ -275,6 +276,10 @@ SETTINGS: tuple[Setting, ...] = (
         _HTTP,
     ),
     Setting("access_log", bool, "access_log", "Log one JSON line per request.", _HTTP),
+    Setting(
+        "reports_dir", Path, "reports_dir", "Folder of `bench http --report` HTML pages that "
+        "the web page at / lists.", _HTTP, shown_default="none",
+    ),
     Setting("log_level", str, "run.log_level", f"One of {', '.join(LOG_LEVELS)}.", _HTTP),
 )  # fmt: skip
 BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
