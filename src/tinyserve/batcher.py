@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyserve import tracing
 from tinyserve.engine import Logits
 from tinyserve.errors import InferenceTimeout, ModelError, ModelNotReady, Overloaded
 from tinyserve.imaging import Pixels
@@ -71,6 +72,7 @@ class _Item:
     pixels: Pixels
     future: asyncio.Future[tuple[Logits, BatchTiming]]
     enqueued: float
+    trace: tracing.RequestTrace | None = None  # its request's, while tracing is on
 
 
 class Batcher:
@@ -141,7 +143,8 @@ class Batcher:
             asyncio.get_running_loop().create_future()
         )
         try:
-            self._queue.put_nowait(_Item(pixels, future, time.perf_counter()))
+            trace = None if tracing.tracer is None else tracing.tracer.current()
+            self._queue.put_nowait(_Item(pixels, future, time.perf_counter(), trace))
         except asyncio.QueueFull:
             raise Overloaded(
                 f"{self.name} has {self.config.max_queue} requests queued; retry shortly",
@@ -221,6 +224,9 @@ class Batcher:
         self._inflight -= len(items)
         if self.observer is not None:
             self.observer(len(items), waits, inference)
+        if tracing.tracer is not None:
+            traces = [(item.trace, item.enqueued) for item in items]
+            tracing.tracer.batch(self.name, traces, started, started + inference, self._batches)
 
     async def close(self, drain_timeout: float = 10.0) -> None:
         """Stop intake, let queued requests finish (up to ``drain_timeout``), then stop."""

@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from tinyserve import tracing
 from tinyserve.engine import Engine, Logits, Prediction, rank
 from tinyserve.errors import InputError
 from tinyserve.imaging import DEFAULT_LIMITS, Decoded, ImageLimits, Pixels, decode_upload
@@ -105,6 +106,8 @@ async def classify(runner: Runner, uploads: Sequence[Upload], top_k: int) -> Res
     started = time.perf_counter()
     decoded = await runner.decode_all([u.data for u in uploads])
     decode_s = time.perf_counter() - started
+    if tracing.tracer is not None:
+        tracing.tracer.received(started, started + decode_s, len(uploads))
     items = [Item(i, u.filename) for i, u in enumerate(uploads)]
     good: list[int] = []
     for item, result in zip(items, decoded, strict=True):
@@ -118,6 +121,8 @@ async def classify(runner: Runner, uploads: Sequence[Upload], top_k: int) -> Res
     rows = [decoded[i].pixels for i in good]  # type: ignore[union-attr]
     inferred = await runner.infer(rows)
     ranked = rank(inferred.logits, inferred.labels, top_k)
+    if tracing.tracer is not None:
+        tracing.tracer.answered(time.perf_counter())
     for j, i in enumerate(good):
         item = items[i]
         item.predictions = ranked[j]

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tinyserve import tracing
 from tinyserve.asgi import Call, read_body
 from tinyserve.classify import Inferred
 from tinyserve.errors import InputError, RateLimited, Unauthorized
@@ -68,6 +69,8 @@ class ServingContext:
         self.decode_pool = ThreadPoolExecutor(
             self.config.decode_threads, thread_name_prefix="decode"
         )
+        if self.config.trace:  # OpenTelemetry is imported only then
+            tracing.enable(self.config.otlp_endpoint)
         loop = asyncio.get_running_loop()
         # Pillow's warm-up and the models' loading (mostly outside the GIL) overlap.
         await asyncio.gather(
@@ -87,6 +90,8 @@ class ServingContext:
     async def close(self) -> None:
         """Stop reloading, drain every batcher (up to the drain timeout), stop the pool."""
         gc.unfreeze()  # what start-up froze may be garbage now
+        if self.config.trace:
+            tracing.disable()
         if self._sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await self.registry.close(self.config.drain_timeout_s)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinyserve import tracing
 from tinyserve.asgi import Call, ClientGone, Receive, Reply, Scope, Send, log_access, send_response
 from tinyserve.context import ServingContext
 from tinyserve.http_errors import Shape
@@ -72,17 +73,23 @@ class Guard:
         started = time.perf_counter()
         call = Call(scope, receive)
         context, route = self.context, self.route
+        traced = tracing.tracer  # None unless --trace: the whole cost of tracing when off
+        trace = None if traced is None else traced.request(route, call, started)
         try:
             if route.admin:
                 context.check_admin(call.headers.get("authorization"))
             context.check_rate(call.client_host)
             reply = await route.handler(context, call)
         except ClientGone:
+            if trace is not None:
+                trace.end(499)
             return
         except Exception as exc:  # the one error map; a bug answers 500 and is logged
             error = context.fail(exc, route.path, route.errors)
             reply = Reply(error.status, error.body, error.headers)
         await send_response(send, reply.status, reply.body, reply.headers, reply.content_type)
+        if trace is not None:
+            trace.end(reply.status)
         seconds = time.perf_counter() - started
         if route.counted:
             model = call.model or call.path_params.get("model")

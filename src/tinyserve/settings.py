@@ -63,6 +63,8 @@ class ServerConfig:
     rate_limit: float = 0.0
     drain_timeout_s: float = 10.0
     access_log: bool = False
+    trace: bool = False  # OpenTelemetry spans of the request path (tracing.py)
+    otlp_endpoint: str | None = None  # the collector's base URL, e.g. http://otel:4318
     reports_dir: Path | None = None  # `bench http --report` pages the web page lists
 
     def __post_init__(self) -> None:
@@ -281,6 +283,15 @@ SETTINGS: tuple[Setting, ...] = (
         "the web page at / lists.", _HTTP, shown_default="none",
     ),
     Setting("log_level", str, "run.log_level", f"One of {', '.join(LOG_LEVELS)}.", _HTTP),
+    Setting(
+        "trace", bool, "trace", "OpenTelemetry spans of every request (receive, decode, queue, "
+        "inference, respond), children of an incoming W3C traceparent.", "Tracing",
+    ),
+    Setting(
+        "otlp_endpoint", str, "otlp_endpoint", "OTLP/HTTP collector the spans go to (base URL, "
+        "/v1/traces is added).", "Tracing", aliases=("OTEL_EXPORTER_OTLP_ENDPOINT",),
+        shown_default="http://localhost:4318",
+    ),
 )  # fmt: skip
 BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 
