@@ -16,15 +16,16 @@ import logging
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from tinyserve import tracing
 from tinyserve.asgi import Call, read_body
+from tinyserve.auth import KeyRing
 from tinyserve.classify import Inferred
-from tinyserve.errors import InputError, RateLimited, Unauthorized
+from tinyserve.errors import ConfigError, InputError, RateLimited, TinyServeError, Unauthorized
 from tinyserve.http_errors import ErrorReply, Shape, as_error, error_reply
 from tinyserve.imaging import Decoded, Pixels, decode_upload
 from tinyserve.manifest import InputSpec
@@ -58,6 +59,11 @@ class ServingContext:
             labels_path=config.labels_path,
         )
         self.decode_pool: ThreadPoolExecutor | None = None
+        # API keys, when a key file is given: None keeps the hot path to one attribute check.
+        self.keys = KeyRing(config.api_keys) if config.api_keys is not None else None
+        if self.keys is not None:
+            self.metrics.watch_keys(self.keys.usage)
+            log.info("API keys: %d live in %s", len(self.keys), config.api_keys)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._tasks: set[asyncio.Task[object]] = set()
         self._sighup = False
@@ -100,6 +106,11 @@ class ServingContext:
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading models")
+        if self.keys is not None:
+            try:
+                self.reload_keys()
+            except TinyServeError as exc:
+                log.error("API keys not reloaded, the previous ones stay: %s", exc.message)
         task = asyncio.get_running_loop().create_task(self.registry.reload_all())
         self._tasks.add(task)  # a task nobody references may be collected before it ends
         task.add_done_callback(self._tasks.discard)
@@ -156,15 +167,32 @@ class ServingContext:
         if len(buckets) > MAX_RATE_CLIENTS:
             buckets.popitem(last=False)
 
-    def check_admin(self, authorization: str | None) -> None:
+    def reload_keys(self) -> int:
+        """Re-read the API key file: revoked and removed keys stop working now."""
+        if self.keys is None:
+            raise ConfigError("API keys are off: start the server with --api-keys FILE")
+        count = self.keys.reload()
+        log.info("API keys reloaded: %d live in %s", count, self.keys.path)
+        return count
+
+    def check_key(self, headers: Mapping[str, str], scope: str) -> None:
+        """Admit a request whose API key has ``scope``, within its rate limit and quota."""
+        assert self.keys is not None
+        self.keys.admit(headers.get("authorization"), headers.get("x-api-key"), scope)
+
+    def check_admin(self, headers: Mapping[str, str]) -> None:
+        """The admin token, or (when keys are on) an API key with the ``admin`` scope."""
         token = self.config.admin_token
+        authorization = headers.get("authorization")
+        if self.keys is not None and not (token and _is_bearer(authorization, token)):
+            self.check_key(headers, "admin")
+            return
         if token is None:
             raise Unauthorized(
                 "admin calls are off: start the server with --admin-token "
                 "(or TINYSERVE_ADMIN_TOKEN) and send 'Authorization: Bearer <admin token>'"
             )
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        if not _is_bearer(authorization, token):
             raise Unauthorized("admin calls need 'Authorization: Bearer <admin token>'")
 
     def fail(self, exc: BaseException, route: str, shape: Shape = "rest") -> ErrorReply:
@@ -245,6 +273,11 @@ def warm_decoders() -> None:
         buffer = io.BytesIO()
         Image.new("RGB", (8, 8)).save(buffer, fmt)
         decode_upload(buffer.getvalue(), InputSpec(4, 4, 3, "RGB"))
+
+
+def _is_bearer(authorization: str | None, token: str) -> bool:
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
 
 
 def _log_reload(task: asyncio.Task[dict[str, str | None]]) -> None:

@@ -15,8 +15,11 @@
     │   └── InvalidParameter     a parameter is out of range or malformed
     ├── Overloaded               the queue is full; retry later
     ├── RateLimited              the client sent too many requests
+    │   └── QuotaExceeded        an API key has used its quota for the day or month
     ├── InferenceTimeout         a request waited longer than its deadline
-    ├── Unauthorized             an admin call without the right token
+    ├── Unauthorized             no valid admin token or API key
+    ├── Forbidden                the API key lacks the scope the route needs
+    ├── RemoteError              a server answered a client with an error, or not at all
     └── InternalError            a bug: anything raised that is not a TinyServeError
 
 Nothing here knows about HTTP: ``tinyserve.http_errors`` maps each class to a status code.
@@ -99,12 +102,30 @@ class RateLimited(TinyServeError):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(RateLimited):
+    code = "quota_exceeded"
+
+
 class InferenceTimeout(TinyServeError):
     code = "timeout"
 
 
 class Unauthorized(TinyServeError):
     code = "unauthorized"
+
+
+class Forbidden(TinyServeError):
+    code = "forbidden"
+
+
+class RemoteError(TinyServeError):
+    """What ``tinyserve.client`` raises: the server's status and error code (``status`` is
+    None, and ``code`` ``unreachable``, when no answer came)."""
+
+    def __init__(self, message: str, status: int | None, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 class InternalError(TinyServeError):

@@ -17,6 +17,7 @@ from typing import Literal
 
 from tinyserve.errors import (
     ConfigError,
+    Forbidden,
     InferenceTimeout,
     InputError,
     InternalError,
@@ -57,6 +58,7 @@ STATUS_BY_ERROR: tuple[tuple[type[TinyServeError], int], ...] = (
     (RateLimited, 429),
     (InferenceTimeout, 504),
     (Unauthorized, 401),
+    (Forbidden, 403),
     (ConfigError, 400),
     (ModelError, 500),
     (InternalError, 500),

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -236,6 +236,11 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def watch_keys(self, usage: Callable[[], Iterable[tuple[str, Mapping[str, int], int]]]) -> None:
+        """Export each API key's usage, read from ``usage`` at every scrape: the key's name
+        (never the key), its requests by outcome, and those counted in its quota period."""
+        self.registry.register(_KeyUsage(usage))
+
     def stats(self) -> dict[str, Any]:
         """The ``/stats`` summary (seed field names) with a per-model breakdown."""
         with self._lock:
@@ -331,6 +336,33 @@ _BUCKET_NAMES = {
     for lower, upper in zip((0, *_BATCH_BUCKETS), _BATCH_BUCKETS, strict=False)
 }
 _OVER = f">{_BATCH_BUCKETS[-1]}"
+
+
+class _KeyUsage:
+    """A collector over the server's API keys: the counts live with the keys (``auth``)."""
+
+    def __init__(self, usage: Callable[[], Iterable[tuple[str, Mapping[str, int], int]]]) -> None:
+        self.usage = usage
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        requests = CounterMetricFamily(
+            "tinyserve_api_key_requests",
+            "Requests by API key name and outcome (admitted, forbidden, rate_limited, "
+            "quota_exceeded).",
+            labels=["key", "outcome"],
+        )
+        quota = GaugeMetricFamily(
+            "tinyserve_api_key_quota_used",
+            "Requests counted against each API key's quota in its current day or month.",
+            labels=["key"],
+        )
+        for name, outcomes, used in self.usage():
+            for outcome, count in outcomes.items():
+                requests.add_metric([name, outcome], count)
+            quota.add_metric([name], used)
+        return [requests, quota]
 
 
 def _thread_count() -> float:

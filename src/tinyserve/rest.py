@@ -273,6 +273,11 @@ async def reload(context: ServingContext, call: Call) -> Reply:
     )
 
 
+async def reload_keys(context: ServingContext, call: Call) -> Reply:
+    """Re-read the API key file: a revoked key stops working with this answer."""
+    return json_reply({"message": "API keys reloaded", "keys": context.reload_keys()})
+
+
 # -- the table ----------------------------------------------------------------------------
 
 _PREDICT: dict[str, Any] = {"tag": "predict", "counted": True, "query": schemas.PREDICT_QUERY,
@@ -315,4 +320,6 @@ REST_ROUTES: tuple[Route, ...] = (
           **_ADMIN),
     Route("POST", "/admin/reload", reload, "Hot-reload the default model (admin token)",
           **_ADMIN),
+    Route("POST", "/admin/keys/reload", reload_keys, "Re-read the API key file (admin token "
+          "or key)", "admin", admin=True, statuses=(400, 401, 403)),
 )  # fmt: skip

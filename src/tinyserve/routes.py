@@ -4,8 +4,9 @@ Routes are declared once, as ``Route`` values (path, method, handler, and what t
 description says of them). Everything else is derived from the table: the app's fast
 dispatch (``Dispatch``), the Starlette routes behind it, and the paths of ``/openapi.json``.
 
-``Guard`` is the one wrapper between ASGI and a handler: admin check, rate limit, the
-handler, the one error map (``ServingContext.fail``), metrics and the access log. A handler
+``Guard`` is the one wrapper between ASGI and a handler: admin check (the admin token, or an
+API key with the ``admin`` scope), API key check of predictions (when keys are on), rate limit,
+the handler, the one error map (``ServingContext.fail``), metrics and the access log. A handler
 is a plain module-level coroutine ``handler(context, call) -> Reply``.
 """
 
@@ -77,7 +78,9 @@ class Guard:
         trace = None if traced is None else traced.request(route, call, started)
         try:
             if route.admin:
-                context.check_admin(call.headers.get("authorization"))
+                context.check_admin(call.headers)
+            elif context.keys is not None and route.counted:  # predictions need a key
+                context.check_key(call.headers, "predict")
             context.check_rate(call.client_host)
             reply = await route.handler(context, call)
         except ClientGone:

@@ -1,7 +1,8 @@
 """The ``tinyserve`` command line: thin subcommands over the library, one module per family.
 
 ``train`` (train, export, prune, distill, import), ``models`` (evaluate, quantize, predict),
-``serve``, ``bench``, ``pull`` (S3 into a folder) and ``monitor`` (a live view of servers).
+``serve``, ``bench``, ``keys`` (API keys), ``pull`` (S3 into a folder) and ``monitor`` (a live
+view of servers).
 Heavy imports (torch, onnxruntime, uvicorn) happen inside each command, so ``--help`` is fast
 and ``serve`` never imports torch.
 """
@@ -13,7 +14,7 @@ from typing import Annotated
 import typer
 
 from tinyserve import __version__
-from tinyserve.cli import bench, models, monitor, pull, serve, train
+from tinyserve.cli import bench, keys, models, monitor, pull, serve, train
 from tinyserve.errors import TinyServeError
 
 app = typer.Typer(
@@ -52,6 +53,7 @@ app.command("import")(train.import_model)
 app.command()(pull.pull)
 app.command()(monitor.monitor)
 app.add_typer(bench.app)
+app.add_typer(keys.app)
 
 
 def main() -> None:

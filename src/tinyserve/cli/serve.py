@@ -48,6 +48,9 @@ def serve(context: typer.Context, **params: Any) -> None:
     given = {n: v for n, v in params.items() if _from_command_line(context, n)}
     config, run = serve_config(given)
     logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    warning = exposure_warning(config, run)
+    if warning is not None:
+        logging.getLogger("tinyserve").warning(warning)
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op
     # handler here makes a drained shutdown exit 0, as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -80,6 +83,19 @@ def serve_config(
     if config.model_path is None and not repo.is_dir():
         raise ConfigError(f"model repository {run.repo} does not exist")
     return config, run
+
+
+def exposure_warning(config: ServerConfig, run: RunConfig) -> str | None:
+    """What to warn of when a server that others can reach takes requests without a key."""
+    from tinyserve.bench.client import is_loopback
+
+    if config.api_keys is not None or run.allow_anonymous or is_loopback(run.host):
+        return None
+    return (
+        f"serving {run.host}:{run.port} without API keys: anyone who can reach it can use it. "
+        "Pass --api-keys FILE (create keys with 'tinyserve keys create'), or --allow-anonymous "
+        "to serve it open on purpose"
+    )
 
 
 def _from_command_line(context: typer.Context, name: str) -> bool:
