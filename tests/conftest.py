@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tinyserve.training.train import TrainConfig
 
 # s3 / s3_endpoint: moto on loopback; serve: a real `tinyserve serve` process on loopback
-pytest_plugins = ["s3_endpoint", "live_server"]
+pytest_plugins = ["s3_endpoint", "live_server", "redis_server"]  # + redis_server: a real Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = ROOT / "models" / "fashion-cnn"

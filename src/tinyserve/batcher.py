@@ -96,6 +96,7 @@ class Batcher:
         self._closing = False
         self._batches = 0
         self._single_s = float("inf")  # recent time of a one-image inference, in seconds
+        self._batch_s = 0.0  # recent time of one batch, in seconds (for wait estimates)
 
     @property
     def depth(self) -> int:
@@ -121,12 +122,24 @@ class Batcher:
             started = time.perf_counter()
             await loop.run_in_executor(self._thread, self.infer, pixels[None])
             self._single_s = time.perf_counter() - started  # the last (warmest) run counts
+        self._batch_s = self._single_s
 
-    async def submit(self, pixels: Pixels) -> tuple[Logits, BatchTiming]:
-        """Logits row for one image, once its batch has run."""
-        return await self._wait(self._enqueue(pixels))
+    def estimated_wait_s(self, images: int = 1) -> float:
+        """About how long ``images`` more would take from now: the batches queued ahead of
+        them and their own, at the recent time per batch."""
+        batches = -(-(self._inflight + images) // self.config.max_batch_size)
+        return batches * self._batch_s
 
-    async def submit_many(self, images: Sequence[Pixels]) -> list[tuple[Logits, BatchTiming]]:
+    async def submit(
+        self, pixels: Pixels, timeout_s: float | None = None
+    ) -> tuple[Logits, BatchTiming]:
+        """Logits row for one image, once its batch has run (within ``timeout_s``, or the
+        configured timeout)."""
+        return await self._wait(self._enqueue(pixels), timeout_s)
+
+    async def submit_many(
+        self, images: Sequence[Pixels], timeout_s: float | None = None
+    ) -> list[tuple[Logits, BatchTiming]]:
         """Enqueue several images at once (they share batches) and wait for all of them."""
         if len(images) > self.config.max_queue:
             raise Overloaded(
@@ -134,7 +147,7 @@ class Batcher:
                 f"{self.name}; send smaller batches"
             )
         futures = [self._enqueue(p) for p in images]
-        return list(await asyncio.gather(*(self._wait(f) for f in futures)))
+        return list(await asyncio.gather(*(self._wait(f, timeout_s) for f in futures)))
 
     def _enqueue(self, pixels: Pixels) -> asyncio.Future[tuple[Logits, BatchTiming]]:
         if self._queue is None or self._closing:
@@ -154,19 +167,23 @@ class Batcher:
         return future
 
     async def _wait(
-        self, future: asyncio.Future[tuple[Logits, BatchTiming]]
+        self, future: asyncio.Future[tuple[Logits, BatchTiming]], timeout_s: float | None = None
     ) -> tuple[Logits, BatchTiming]:
         # On timeout the future fails; when the caller goes away it is cancelled. Either way
-        # it is done, and the batching loop skips it if its batch has not run yet.
-        timer = asyncio.get_running_loop().call_later(self.config.timeout_s, self._expire, future)
+        # it is done, and the batching loop skips it if its batch has not run yet, so a
+        # request past its deadline is never run late.
+        timeout = (
+            self.config.timeout_s if timeout_s is None else min(timeout_s, self.config.timeout_s)
+        )
+        timer = asyncio.get_running_loop().call_later(timeout, self._expire, future, timeout)
         try:
             return await future
         finally:
             timer.cancel()
 
-    def _expire(self, future: asyncio.Future[tuple[Logits, BatchTiming]]) -> None:
+    def _expire(self, future: asyncio.Future[tuple[Logits, BatchTiming]], timeout: float) -> None:
         if not future.done():
-            message = f"{self.name} did not answer within {self.config.timeout_s:g}s"
+            message = f"{self.name} did not answer within {timeout:g}s"
             future.set_exception(InferenceTimeout(message))
 
     async def _run(self) -> None:
@@ -213,6 +230,7 @@ class Batcher:
             self._inflight -= len(items)
             return
         inference = time.perf_counter() - started
+        self._batch_s = 0.8 * self._batch_s + 0.2 * inference if self._batch_s else inference
         if len(items) == 1:
             self._single_s = 0.8 * self._single_s + 0.2 * inference if inline else inference
         self._batches += 1

@@ -5,7 +5,9 @@ The REST routes, the Open Inference Protocol's BYTES tensors, the Lambda handler
 differ. What decodes and runs the model is a ``Runner``: the server's runs on a loaded
 version's batcher and decode pool (``context.ServedRunner``), and ``EngineRunner`` runs an
 ``Engine`` directly, in the caller's thread. An image that cannot be decoded fails its own
-item, never the others.
+item, never the others. Given a result cache, images whose answer is cached skip decoding and
+inference; only the others go to the runner, and their answers are cached under the version
+that ran them.
 
 ``classify`` is a coroutine so that the server's runner can wait for its batcher. An
 ``EngineRunner`` never waits, so ``classify_sync`` drives the coroutine to its end without an
@@ -22,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from tinyserve import tracing
+from tinyserve.cache import Cached, ResultCache, cache_key
 from tinyserve.engine import Engine, Logits, Prediction, rank
 from tinyserve.errors import InputError
 from tinyserve.imaging import DEFAULT_LIMITS, Decoded, ImageLimits, Pixels, decode_upload
@@ -64,6 +67,14 @@ class Runner(Protocol):
         """The version that will run the images, as far as is known before they do."""
         ...
 
+    @property
+    def fingerprint(self) -> str:
+        """What identifies that version's answers (its file and labels), for the cache."""
+        ...
+
+    @property
+    def labels(self) -> Sequence[str]: ...
+
     async def decode_all(self, images: Sequence[bytes]) -> list[Decoded | InputError]:
         """Each image decoded, or the input error that stopped it."""
         ...
@@ -82,6 +93,7 @@ class Item:
     image_shape: tuple[int, int, int] | None = None  # [rows, cols, channels] as uploaded
     queue_s: float = 0.0
     inference_s: float = 0.0
+    cached: bool = False
 
 
 @dataclass(slots=True)
@@ -95,14 +107,21 @@ class Results:
     queue_s: float  # the longest wait of any image
     inference_s: float  # every batch the images ran in, together
     logits: Logits | None = None  # rows of the images that were decoded, in upload order
+    cached: int = 0  # images answered from the cache
+    fallback_from: str | None = None  # "model:version" whose fallback answered
+    fallback_reason: str | None = None  # open, overloaded or failed
 
     @property
     def succeeded(self) -> int:
         return sum(item.error is None for item in self.items)
 
 
-async def classify(runner: Runner, uploads: Sequence[Upload], top_k: int) -> Results:
+async def classify(
+    runner: Runner, uploads: Sequence[Upload], top_k: int, cache: ResultCache | None = None
+) -> Results:
     """Classify ``uploads`` with ``runner``: the ``top_k`` classes of each, best first."""
+    if cache is not None:
+        return await _classify_cached(runner, uploads, top_k, cache)
     started = time.perf_counter()
     decoded = await runner.decode_all([u.data for u in uploads])
     decode_s = time.perf_counter() - started
@@ -139,6 +158,50 @@ async def classify(runner: Runner, uploads: Sequence[Upload], top_k: int) -> Res
     )
 
 
+async def _classify_cached(
+    runner: Runner, uploads: Sequence[Upload], top_k: int, cache: ResultCache
+) -> Results:
+    fingerprint = runner.fingerprint
+    found = [await cache.get(cache_key(u.data, fingerprint)) for u in uploads]
+    missed = [i for i, hit in enumerate(found) if hit is None]
+    if len(missed) == len(uploads):
+        results = await classify(runner, uploads, top_k)
+    elif missed:
+        results = await classify(runner, [uploads[i] for i in missed], top_k)
+        for item, i in zip(results.items, missed, strict=True):
+            item.index = i
+    else:
+        results = Results(runner.name, runner.version, [], 0.0, 0.0, 0.0)
+    if results.logits is not None:  # cache what ran, under the version that ran it
+        ran = runner.fingerprint
+        rows = iter(results.logits)
+        for item in results.items:
+            if item.error is None and item.image_shape is not None:
+                row = next(rows)
+                cache.put(cache_key(uploads[item.index].data, ran), Cached(item.image_shape, row))
+    if len(missed) == len(uploads):
+        return results
+    items: list[Item | None] = [None] * len(uploads)
+    for item in results.items:
+        items[item.index] = item
+    rows_by_index: dict[int, Logits] = {}
+    if results.logits is not None:
+        good = [item.index for item in results.items if item.error is None]
+        rows_by_index = dict(zip(good, results.logits, strict=True))
+    labels = runner.labels
+    for i, hit in enumerate(found):
+        if hit is not None:
+            ranked = rank(hit.logits[None, :], labels, top_k)[0]
+            items[i] = Item(i, uploads[i].filename, ranked, None, hit.image_shape, cached=True)
+            rows_by_index[i] = hit.logits
+    order = sorted(rows_by_index)
+    logits = np.stack([rows_by_index[i] for i in order]) if order else None
+    results.items = [item for item in items if item is not None]
+    results.logits = logits
+    results.cached = len(uploads) - len(missed)
+    return results
+
+
 def prediction_dicts(ranked: Sequence[Prediction]) -> list[dict[str, Any]]:
     """A ranking as every front door answers it (``class_name`` is seed 001's name for
     ``label``)."""
@@ -164,6 +227,8 @@ class EngineRunner:
         self.version = version
         self.limits = limits
         self.chunk = chunk
+        self.fingerprint = f"{engine.path}"
+        self.labels = engine.labels
 
     async def decode_all(self, images: Sequence[bytes]) -> list[Decoded | InputError]:
         spec = self.engine.manifest.input

@@ -15,7 +15,7 @@ import io
 import logging
 import signal
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,14 +24,16 @@ import numpy as np
 from tinyserve import tracing
 from tinyserve.asgi import Call, read_body
 from tinyserve.auth import KeyRing
+from tinyserve.cache import ResultCache, open_cache
 from tinyserve.classify import Inferred
 from tinyserve.errors import ConfigError, InputError, RateLimited, TinyServeError, Unauthorized
 from tinyserve.http_errors import ErrorReply, Shape, as_error, error_reply
 from tinyserve.imaging import Decoded, Pixels, decode_upload
 from tinyserve.manifest import InputSpec
-from tinyserve.metrics import Metrics
+from tinyserve.metrics import Metrics, ProductionMetrics
 from tinyserve.registry import LoadedModel, ModelRegistry
 from tinyserve.requests import Version, top_k_param
+from tinyserve.rollout import Rollout
 from tinyserve.settings import ServerConfig
 
 __all__ = ["ServedRunner", "ServingContext", "warm_decoders"]
@@ -59,6 +61,17 @@ class ServingContext:
             labels_path=config.labels_path,
         )
         self.decode_pool: ThreadPoolExecutor | None = None
+        # The production layer (cache, rollouts, fallbacks, deadlines): each off by default,
+        # and the default path checks no more than that they are off.
+        self.production = ProductionMetrics(self.metrics.registry)
+        self.cache: ResultCache | None = open_cache(
+            config.cache, config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s
+        )
+        self.clock = time.monotonic  # the rollouts' clock; tests replace it
+        self._rollouts: dict[str, Rollout] = {}
+        self.cache_errors = 0  # the cache's errors already counted in the metrics
+        self.shadow_tasks: set[asyncio.Task[None]] = set()
+        self.shadow_counts: defaultdict[str, dict[str, int]] = defaultdict(dict)
         # API keys, when a key file is given: None keeps the hot path to one attribute check.
         self.keys = KeyRing(config.api_keys) if config.api_keys is not None else None
         if self.keys is not None:
@@ -103,6 +116,10 @@ class ServingContext:
         await self.registry.close(self.config.drain_timeout_s)
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        for task in [*self._tasks, *self.shadow_tasks]:
+            task.cancel()
+        if self.cache is not None:
+            await self.cache.close()
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading models")
@@ -124,11 +141,29 @@ class ServingContext:
             call.receive, call.headers.get("content-length"), self.config.max_body_bytes
         )
 
-    def model(self, name: str | None, version: Version) -> LoadedModel:
-        """The served version asked for: a number, ``latest``, or None for the default."""
+    def model(self, name: str | None, version: Version, call: Call | None = None) -> LoadedModel:
+        """The served version asked for: a number, ``latest``, or None for the default, which
+        a model's rollout (traffic split, canary) may choose for ``call``."""
         if version == "latest":
             return self.registry.versions(name or self.registry.default_name)[-1]
+        if version is None and call is not None and self.registry.with_rollouts:
+            rollout = self.rollout(name or self.registry.default_name)
+            if rollout is not None:
+                version = rollout.choose(sticky_value(call, rollout.config.sticky))
         return self.registry.get(name, version)
+
+    def rollout(self, name: str) -> Rollout | None:
+        """The live rollout of ``name``, rebuilt when its config.toml changes on reload."""
+        found = self.registry.rollout(name)
+        if found is None:
+            self._rollouts.pop(name, None)
+            return None
+        config, default = found
+        current = self._rollouts.get(name)
+        if current is None or current.config != config:
+            current = Rollout(name, config, default, self.production, self.clock)
+            self._rollouts[name] = current
+        return current
 
     def runner(self, model: LoadedModel) -> ServedRunner:
         return ServedRunner(self, model)
@@ -211,13 +246,24 @@ class ServedRunner:
     the place of the one the request looked up.
     """
 
-    __slots__ = ("context", "model", "name", "version")
+    __slots__ = ("context", "model", "name", "timeout_s", "version")
 
-    def __init__(self, context: ServingContext, model: LoadedModel) -> None:
+    def __init__(
+        self, context: ServingContext, model: LoadedModel, timeout_s: float | None = None
+    ) -> None:
         self.context = context
         self.model = model
         self.name = model.name
         self.version = model.version
+        self.timeout_s = timeout_s  # what is left of the request's deadline
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
+
+    @property
+    def labels(self) -> Sequence[str]:
+        return self.model.manifest.labels
 
     async def decode_all(self, images: Sequence[bytes]) -> list[Decoded | InputError]:
         spec = self.model.manifest.input
@@ -239,10 +285,10 @@ class ServedRunner:
         model = self.model = self.model.live()
         self.version = model.version
         if len(rows) == 1:
-            row, timing = await model.infer_one(rows[0])
+            row, timing = await model.infer_one(rows[0], self.timeout_s)
             return Inferred(row[None, :], (timing.queue,), (timing.inference,), timing.inference,
                             model.version, model.manifest.labels)  # fmt: skip
-        outputs = await model.infer_many(rows)
+        outputs = await model.infer_many(rows, self.timeout_s)
         timings = [t for _, t in outputs]
         return Inferred(
             np.stack([row for row, _ in outputs]),
@@ -252,6 +298,17 @@ class ServedRunner:
             model.version,
             model.manifest.labels,
         )
+
+
+def sticky_value(call: Call, header: str | None) -> str | None:
+    """What keeps one user on one version: the configured header, else the API key."""
+    headers = call.headers
+    if header is not None:
+        return headers.get(header)
+    key = headers.get("x-api-key")
+    if key is None:
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+    return key or None
 
 
 def warm_decoders() -> None:

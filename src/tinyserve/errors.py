@@ -17,6 +17,7 @@
     ├── RateLimited              the client sent too many requests
     │   └── QuotaExceeded        an API key has used its quota for the day or month
     ├── InferenceTimeout         a request waited longer than its deadline
+    │   └── DeadlineExceeded     its X-Request-Timeout cannot be met; refused at once
     ├── Unauthorized             no valid admin token or API key
     ├── Forbidden                the API key lacks the scope the route needs
     ├── RemoteError              a server answered a client with an error, or not at all
@@ -108,6 +109,10 @@ class QuotaExceeded(RateLimited):
 
 class InferenceTimeout(TinyServeError):
     code = "timeout"
+
+
+class DeadlineExceeded(InferenceTimeout):
+    code = "deadline_exceeded"
 
 
 class Unauthorized(TinyServeError):

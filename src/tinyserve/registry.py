@@ -15,6 +15,7 @@ file's, once their count is checked against the model's outputs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from tinyserve.imaging import Pixels
 from tinyserve.manifest import Manifest, read_labels
 from tinyserve.metrics import Metrics
 from tinyserve.repository import ModelConfig, discover, model_files, model_name
+from tinyserve.rollout import RolloutConfig
 
 log = logging.getLogger("tinyserve")
 
@@ -46,6 +48,9 @@ class LoadedModel:
     batcher: Batcher
     loaded_at: float = field(default_factory=time.time)
     successor: LoadedModel | None = None  # what a reload put in this version's place
+    # The model file's and class names' hash: the result cache's key for this version, so
+    # that a reload with another file never finds the answers of the old one.
+    fingerprint: str = ""
 
     @property
     def manifest(self) -> Manifest:
@@ -68,11 +73,15 @@ class LoadedModel:
             )
         return model
 
-    async def infer_one(self, pixels: Pixels) -> tuple[Logits, BatchTiming]:
-        return await self.batcher.submit(pixels)
+    async def infer_one(
+        self, pixels: Pixels, timeout_s: float | None = None
+    ) -> tuple[Logits, BatchTiming]:
+        return await self.batcher.submit(pixels, timeout_s)
 
-    async def infer_many(self, images: list[Pixels]) -> list[tuple[Logits, BatchTiming]]:
-        return await self.batcher.submit_many(images)
+    async def infer_many(
+        self, images: list[Pixels], timeout_s: float | None = None
+    ) -> list[tuple[Logits, BatchTiming]]:
+        return await self.batcher.submit_many(images, timeout_s)
 
     def describe(self) -> dict[str, Any]:
         spec = self.manifest.input
@@ -105,6 +114,7 @@ class LoadedModel:
 class _Entry:
     default: int
     versions: dict[int, LoadedModel]
+    rollout: RolloutConfig | None = None
 
 
 class ModelRegistry:
@@ -136,6 +146,7 @@ class ModelRegistry:
         self._closing: set[asyncio.Task[None]] = set()
         self.errors: dict[str, str] = {}
         self.ready = False
+        self.with_rollouts = False  # any model has a rollout in its config.toml
 
     @property
     def names(self) -> list[str]:
@@ -203,6 +214,13 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} has no served version {chosen} (served: {served})")
         return loaded
 
+    def rollout(self, name: str) -> tuple[RolloutConfig, int] | None:
+        """The rollout configuration of ``name`` and its default version, if it has one."""
+        entry = self._models.get(name)
+        if entry is None or entry.rollout is None:
+            return None
+        return entry.rollout, entry.default
+
     def versions(self, name: str) -> list[LoadedModel]:
         self.get(name)  # raises the right error for unknown or failed models
         return [v for _, v in sorted(self._models[name].versions.items())]
@@ -215,8 +233,16 @@ class ModelRegistry:
             config, files = model_files(source)
             if not files:
                 raise ModelNotFound(f"{source} holds no <version>/model.onnx")
-            wanted = _versions_to_serve(config, sorted(files), source)
+            rollout = RolloutConfig.parse(config.rollout, f"{source}/config.toml")
+            wanted = _versions_to_serve(config, sorted(files), source, rollout)
+            if rollout is not None and rollout.fallback is not None:
+                other, version = rollout.fallback
+                if other == name and version in files and version not in wanted:
+                    wanted = sorted({*wanted, version})  # a fallback to another version
             default = config.version or max(wanted)
+            if rollout is not None and rollout.canary is not None and not config.version:
+                # A canary is not the default: unpinned requests reach it through its ramp.
+                default = max((v for v in wanted if v != rollout.canary.version), default=default)
             batching = _batch_config(self.batch_config, config.batching, source)
             old = self._models.get(name)
             fresh: dict[int, LoadedModel] = {}
@@ -229,7 +255,8 @@ class ModelRegistry:
                 for loaded in fresh.values():
                     await loaded.batcher.close(0)
                 raise
-            self._models[name] = _Entry(default, fresh)
+            self._models[name] = _Entry(default, fresh, rollout)
+            self.with_rollouts = any(e.rollout is not None for e in self._models.values())
             self.errors.pop(name, None)
             for loaded in fresh.values():
                 self.metrics.model_loaded.labels(name, str(loaded.version)).set(1)
@@ -249,6 +276,7 @@ class ModelRegistry:
         entry = self._models.pop(name, None)
         if entry is None:
             raise ModelNotFound(f"no model named {name!r} is served")
+        self.with_rollouts = any(e.rollout is not None for e in self._models.values())
         for version, loaded in entry.versions.items():
             self.metrics.model_loaded.labels(name, str(version)).set(0)
             await loaded.batcher.close()
@@ -292,7 +320,17 @@ class ModelRegistry:
         batcher.start()
         # Warm the inference thread itself: the first run on a new thread is slow.
         await batcher.warmup(np.zeros(engine.manifest.input.shape, dtype=np.uint8))
-        return LoadedModel(name, version, path, engine, batcher)
+        fingerprint = await asyncio.to_thread(_fingerprint, path, engine.manifest.labels)
+        return LoadedModel(name, version, path, engine, batcher, fingerprint=fingerprint)
+
+
+def _fingerprint(path: Path, labels: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    digest.update("\0".join(labels).encode())
+    return digest.hexdigest()
 
 
 def _relabel(
@@ -306,7 +344,17 @@ def _relabel(
     return replace(manifest, labels=labels).with_source(labels_file=str(labels_path))
 
 
-def _versions_to_serve(config: ModelConfig, available: list[int], folder: Path) -> list[int]:
+def _versions_to_serve(
+    config: ModelConfig, available: list[int], folder: Path, rollout: RolloutConfig | None
+) -> list[int]:
+    if rollout is not None:
+        missing = sorted(rollout.versions - set(available))
+        if missing:
+            raise ModelNotFound(
+                f"{folder}/config.toml routes requests to versions {missing}, which do not exist"
+            )
+        served = set(_versions_to_serve(config, available, folder, None))
+        return sorted(served | rollout.versions)
     if isinstance(config.versions, str):  # "all"
         return available
     if config.versions:

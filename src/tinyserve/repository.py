@@ -4,7 +4,9 @@ Triton's layout: a folder per model, a numbered folder per version. The highest 
 served unless ``config.toml`` pins one (``version = 1``); ``versions = "all"`` or
 ``versions = [1, 2]`` makes the server load several versions side by side (requests pick
 one with ``?version=N``). A ``[batching]`` table overrides the server's batching settings
-for this model (``max_batch_size``, ``max_delay_ms``, ``max_queue``, ``timeout_s``).
+for this model (``max_batch_size``, ``max_delay_ms``, ``max_queue``, ``timeout_s``). The
+rollout keys (``traffic``, ``sticky``, ``shadow``, ``fallback``, ``[canary]``, ``[breaker]``)
+are kept as written; ``rollout.RolloutConfig`` reads them.
 
 A server may also be given one model instead of a repository (``tinyserve serve --model``):
 a model folder, or a single .onnx file. ``model_name`` and ``model_files`` describe either.
@@ -24,6 +26,7 @@ from tinyserve.errors import ConfigError, ModelNotFound
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+ROLLOUT_KEYS = ("traffic", "sticky", "shadow", "fallback", "canary", "breaker")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class ModelConfig:
     version: int | None = None
     versions: str | tuple[int, ...] = ()
     batching: Mapping[str, Any] = field(default_factory=dict)
+    rollout: Mapping[str, Any] = field(default_factory=dict)  # see rollout.RolloutConfig
 
     @classmethod
     def read(cls, model_dir: Path) -> ModelConfig:
@@ -59,6 +63,7 @@ class ModelConfig:
             version=version,
             versions=versions if versions == "all" else tuple(versions),
             batching=batching,
+            rollout={key: data[key] for key in ROLLOUT_KEYS if key in data},
         )
 
 

@@ -19,11 +19,12 @@ from typing import Any
 from tinyserve import __version__
 from tinyserve import openapi as schemas
 from tinyserve.asgi import Call, Reply, json_reply
-from tinyserve.classify import Item, Results, classify, prediction_dicts
+from tinyserve.classify import Item, Results, prediction_dicts
 from tinyserve.context import ServingContext
 from tinyserve.errors import InvalidParameter, ModelNotFound, PayloadTooLarge, TinyServeError
 from tinyserve.http_errors import error_body
 from tinyserve.metrics import PROMETHEUS_CONTENT_TYPE
+from tinyserve.production import classify_request, served_fields, served_headers
 from tinyserve.registry import LoadedModel
 from tinyserve.requests import Parsed, parse_body, version_param
 from tinyserve.routes import Route
@@ -37,22 +38,26 @@ BatchShape = Callable[[Results, float], dict[str, Any]]
 # -- prediction ---------------------------------------------------------------------------
 
 
-async def _read(context: ServingContext, call: Call, batch: bool) -> tuple[LoadedModel, Parsed]:
-    model = context.model(call.path_params.get("model"), version_param(call.query.get("version")))
+async def _read(
+    context: ServingContext, call: Call, batch: bool
+) -> tuple[LoadedModel, Parsed, bool]:
+    version = version_param(call.query.get("version"))
+    model = context.model(call.path_params.get("model"), version, call)
     call.model = model.name
     body = await context.read_body(call)
     content_type = call.headers.get("content-type", "")
-    return model, parse_body(body, content_type, batch, context.config.max_batch_images)
+    parsed = parse_body(body, content_type, batch, context.config.max_batch_images)
+    return model, parsed, version is None
 
 
 async def predict(context: ServingContext, call: Call) -> Reply:
     """One image: its top-k classes and where the time went."""
     started = time.perf_counter()
-    model, parsed = await _read(context, call, batch=False)
+    model, parsed, routed = await _read(context, call, batch=False)
     if len(parsed.uploads) != 1:
         raise InvalidParameter("send exactly one image here; use /predict/batch for several")
     top_k = context.top_k(call.query.get("top_k"), parsed.top_k, model.manifest.num_classes)
-    results = await classify(context.runner(model), parsed.uploads, top_k)
+    results = await classify_request(context, call, model, parsed.uploads, top_k, routed)
     item = results.items[0]
     if item.error is not None:
         raise item.error
@@ -64,33 +69,40 @@ async def predict(context: ServingContext, call: Call) -> Reply:
     stages = (("decode", decode), ("queue", item.queue_s), ("inference", item.inference_s),
               ("total", total))  # fmt: skip
     latency = {stage: round(seconds * 1000, 3) for stage, seconds in stages}
-    return json_reply(
-        {
-            "model": results.model,
-            "version": results.version,
-            "label": best.label,
-            "class_id": best.class_id,
-            "confidence": best.confidence,
-            "predictions": prediction_dicts(item.predictions),
-            "latency_ms": latency,
-            "inference_time_ms": latency["total"],  # seeds 001 and 002
-            "image_shape": item.image_shape,  # seed 001: [rows, cols, channels] as uploaded
-        }
-    )
+    headers = served_headers(context, results)
+    body: dict[str, Any] = {
+        "model": results.model,
+        "version": results.version,
+        "label": best.label,
+        "class_id": best.class_id,
+        "confidence": best.confidence,
+        "predictions": prediction_dicts(item.predictions),
+        "latency_ms": latency,
+        "inference_time_ms": latency["total"],  # seeds 001 and 002
+        "image_shape": item.image_shape,  # seed 001: [rows, cols, channels] as uploaded
+    }
+    if headers is not None:
+        body.update(served_fields(context, results))
+    return json_reply(body, headers=headers)
 
 
 async def predict_batch(context: ServingContext, call: Call, shape: BatchShape) -> Reply:
     """Several images in one request, batched together; a bad image fails only its item."""
     started = time.perf_counter()
-    model, parsed = await _read(context, call, batch=True)
+    model, parsed, routed = await _read(context, call, batch=True)
     count, limit = len(parsed.uploads), context.config.max_batch_images
     if not count:
         raise InvalidParameter("the batch is empty")
     if count > limit:
         raise PayloadTooLarge(f"{count} images in one request; the limit is {limit}")
     top_k = context.top_k(call.query.get("top_k"), parsed.top_k, model.manifest.num_classes)
-    results = await classify(context.runner(model), parsed.uploads, top_k)
-    return json_reply(shape(results, time.perf_counter() - started))
+    results = await classify_request(context, call, model, parsed.uploads, top_k, routed)
+    body = shape(results, time.perf_counter() - started)
+    headers = served_headers(context, results)
+    if headers is not None:
+        body.update(served_fields(context, results))
+        body["cached_images"] = results.cached
+    return json_reply(body, headers=headers)
 
 
 def batch_body(results: Results, total_s: float) -> dict[str, Any]:
@@ -173,8 +185,17 @@ async def model_info(context: ServingContext, call: Call) -> Reply:
     name = call.path_params.get("model") or registry.default_name
     default = registry.get(name)
     info = default.describe()
+    rollout = context.rollout(name)
+    extra: dict[str, Any] = {}
+    if rollout is not None:
+        extra["rollout"] = rollout.describe()
+        if rollout.config.shadow is not None:
+            extra["rollout"]["shadow_results"] = dict(context.shadow_counts.get(name, {}))
+    if context.cache is not None:
+        extra["cache"] = context.cache.describe()
     return json_reply(
         {
+            **extra,
             "name": name,
             "default_version": default.version,
             "versions": [m.describe() for m in registry.versions(name)],

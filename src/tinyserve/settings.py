@@ -34,6 +34,7 @@ _C = TypeVar("_C")
 MIB = 1024 * 1024
 ENV_PREFIX = "TINYSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+BACKENDS = ("uvicorn", "ray")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -65,6 +66,10 @@ class ServerConfig:
     access_log: bool = False
     trace: bool = False  # OpenTelemetry spans of the request path (tracing.py)
     otlp_endpoint: str | None = None  # the collector's base URL, e.g. http://otel:4318
+    cache: str = "off"  # off, memory, or redis://HOST:PORT/DB (cache.open_cache)
+    cache_max_entries: int = 10_000
+    cache_max_bytes: int = 64 * MIB
+    cache_ttl_s: float = 3600.0
     reports_dir: Path | None = None  # `bench http --report` pages the web page lists
 
     def __post_init__(self) -> None:
@@ -76,6 +81,8 @@ class ServerConfig:
             raise ValueError(f"decode_threads must be at least 1, got {self.decode_threads}")
         if self.rate_limit < 0 or self.drain_timeout_s < 0:
             raise ValueError("rate_limit and drain_timeout_s must be >= 0")
+        if self.cache_max_entries < 1 or self.cache_max_bytes < 1 or self.cache_ttl_s <= 0:
+            raise ValueError("the cache's entries, bytes and TTL must be positive")
         if self.admin_token is not None and len(self.admin_token) < 8:
             raise ValueError("the admin token must be at least 8 characters long")
         if any(not origin or origin != origin.strip() for origin in self.cors_origins):
@@ -91,11 +98,26 @@ class RunConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    backend: str = "uvicorn"  # or "ray": Ray Serve deployments of the repository
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a cluster of this machine
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+    models_per_replica: int = 4
+    replica_cpus: float = 1.0
     allow_anonymous: bool = False  # a non-loopback host without API keys, and no warning
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("replicas need 0 <= min_replicas <= max_replicas and max >= 1")
+        if self.target_ongoing_requests <= 0 or self.models_per_replica < 1:
+            raise ValueError("target_ongoing_requests and models_per_replica must be positive")
+        if self.replica_cpus < 0:
+            raise ValueError(f"replica_cpus must be >= 0, got {self.replica_cpus}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
 
@@ -187,6 +209,7 @@ class Setting:
 
 
 _MODELS, _BATCHING, _INFERENCE, _LIMITS, _HTTP = "Models", "Batching", "Inference", "Limits", "HTTP"
+_CACHE = "Cache"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -279,6 +302,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("access_log", bool, "access_log", "Log one JSON line per request.", _HTTP),
     Setting(
+        "cache", str, "cache", "Result cache: off, memory (an LRU in this process) or "
+        "redis://HOST:PORT/DB (shared; if Redis is slow or down, requests answer uncached).",
+        _CACHE,
+    ),
+    Setting(
+        "cache_entries", int, "cache_max_entries", "Most answers the memory cache holds.", _CACHE
+    ),
+    Setting(
+        "cache_mb", float, "cache_max_bytes", "Most bytes the memory cache holds.", _CACHE,
+        unit=MIB,
+    ),
+    Setting("cache_ttl", float, "cache_ttl_s", "Seconds a Redis cache entry lives.", _CACHE),
+    Setting(
         "reports_dir", Path, "reports_dir", "Folder of `bench http --report` HTML pages that "
         "the web page at / lists.", _HTTP, shown_default="none",
     ),
@@ -291,6 +327,33 @@ SETTINGS: tuple[Setting, ...] = (
         "otlp_endpoint", str, "otlp_endpoint", "OTLP/HTTP collector the spans go to (base URL, "
         "/v1/traces is added).", "Tracing", aliases=("OTEL_EXPORTER_OTLP_ENDPOINT",),
         shown_default="http://localhost:4318",
+    ),
+    Setting(
+        "backend", str, "run.backend", "uvicorn: serve from this process; ray: deploy the "
+        "repository to a Ray cluster as Ray Serve deployments (the ray extra).", "Ray Serve",
+    ),
+    Setting(
+        "ray_address", str, "run.ray_address", "Ray cluster to deploy to (HOST:PORT).",
+        "Ray Serve", shown_default="RAY_ADDRESS, else one on this machine",
+    ),
+    Setting(
+        "min_replicas", int, "run.min_replicas", "Fewest model replicas (autoscaling).",
+        "Ray Serve",
+    ),
+    Setting(
+        "max_replicas", int, "run.max_replicas", "Most model replicas (autoscaling).", "Ray Serve"
+    ),
+    Setting(
+        "target_ongoing_requests", float, "run.target_ongoing_requests", "Requests in flight per "
+        "replica that autoscaling aims for.", "Ray Serve",
+    ),
+    Setting(
+        "models_per_replica", int, "run.models_per_replica", "Models a replica keeps loaded "
+        "(multiplexed; the least recently used is unloaded).", "Ray Serve",
+    ),
+    Setting(
+        "replica_cpus", float, "run.replica_cpus", "CPUs Ray reserves for each model replica.",
+        "Ray Serve",
     ),
 )  # fmt: skip
 BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}

@@ -17,10 +17,11 @@ import numpy as np
 from tinyserve import __version__
 from tinyserve import openapi as schemas
 from tinyserve.asgi import Call, Reply, json_reply
-from tinyserve.classify import classify
+from tinyserve.classify import Results
 from tinyserve.context import ServingContext
 from tinyserve.engine import Logits
 from tinyserve.errors import InvalidParameter, ModelNotFound, TinyServeError
+from tinyserve.production import classify_request
 from tinyserve.registry import LoadedModel
 from tinyserve.requests import Upload
 from tinyserve.routes import Route
@@ -42,11 +43,15 @@ _EMPTY_OK = Reply(200, b"", None, b"text/plain")
 _EMPTY_BAD = Reply(400, b"", None, b"text/plain")  # V2's "not ready"
 
 
-def _model(context: ServingContext, call: Call) -> LoadedModel:
+def _model(context: ServingContext, call: Call, routed: bool = False) -> LoadedModel:
+    """The version a path names; without one, the default, or (``routed``: inference) the
+    one the model's rollout chooses."""
     name = call.path_params["model"]
     raw = call.path_params.get("version")
     if raw is not None and not raw.isdigit():
         raise InvalidParameter(f"model version must be a whole number, got {raw!r}")
+    if raw is None and routed:
+        return context.model(name, None, call)
     return context.registry.get(name, int(raw) if raw is not None else None)
 
 
@@ -199,7 +204,7 @@ def _model_stats(context: ServingContext, model: LoadedModel) -> dict[str, Any]:
 
 async def infer(context: ServingContext, call: Call) -> Reply:
     started = time.perf_counter()
-    model = _model(context, call)
+    model = _model(context, call, routed=True)
     headers = call.headers
     body = decompress(
         await context.read_body(call),
@@ -211,19 +216,21 @@ async def infer(context: ServingContext, call: Call) -> Reply:
     runner = context.runner(model)
     if request.encoded is not None:
         uploads = [Upload(None, data) for data in request.encoded]
-        results = await classify(runner, uploads, top_k=1)
+        routed = "version" not in call.path_params
+        results = await classify_request(context, call, model, uploads, 1, routed)
         for item in results.items:
             if item.error is not None:
                 raise type(item.error)(f"BYTES element {item.index}: {item.error.message}")
         assert results.logits is not None
         logits: Logits = results.logits
         queue, inference = results.queue_s, results.inference_s
+        ran = _answered(context, results, model)
     else:
         assert request.pixels is not None
         inferred = await runner.infer(list(request.pixels))
         logits = inferred.logits
         queue, inference = max(inferred.queue_s), inferred.batches_s
-    ran = runner.model  # the version that ran, should a reload have replaced the first
+        ran = runner.model  # the version that ran, should a reload have replaced the first
     outputs_started = time.perf_counter()
     tensors = request.outputs(logits.astype(np.float32, copy=False), ran)
     content, header_length = encode_response(ran, request, tensors)
@@ -239,6 +246,17 @@ async def infer(context: ServingContext, call: Call) -> Reply:
         decode = outputs_started - started - queue - inference
         context.metrics.observe_stages(ran.name, decode, queue, inference, total)
     return reply
+
+
+def _answered(context: ServingContext, results: Results, asked: LoadedModel) -> LoadedModel:
+    """The version that answered (a fallback, the stable version behind a failed canary, or
+    a reload's successor), as the registry serves it now."""
+    if (results.model, results.version) == (asked.name, asked.version):
+        return asked.live() if asked.batcher.closing else asked
+    try:
+        return context.registry.get(results.model, results.version)
+    except TinyServeError:
+        return asked
 
 
 # -- repository ---------------------------------------------------------------------------
