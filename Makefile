@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d'
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install lock data run test lint typecheck pytest format bench bench-compare clean
+.PHONY: help install lock data run test lint typecheck pytest format bench bench-compare clean \
+	ui-screenshots
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -62,6 +63,9 @@ bench: bench-compare  ## every performance check of benchmarks/RESULTS.md (about
 	$(BIN)/python benchmarks/large_photo_decode.py --runs 15 | tee runs/bench/large-photo.md
 	$(BIN)/tinyserve bench model models/fashion-cnn --batch-sizes 1,8,32,256 --threads 1,2 \
 		--json > runs/bench/engine-fashion-cnn.json
+
+ui-screenshots: install  ## every view of the web page, desktop and phone width, in runs/ui/
+	$(BIN)/python scripts/ui_screenshots.py --out runs/ui
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

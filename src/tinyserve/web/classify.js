@@ -106,7 +106,7 @@ async function run(files) {
     const item = el(
       "li",
       { class: "result", "aria-busy": "true" },
-      el("img", { class: "thumb", src: url, alt: `Preview of ${file.name}` }),
+      thumbnail(url, file.name),
       el("div", {}, el("h3", { class: "filename", text: file.name }), body),
     );
     list.append(item);
@@ -134,6 +134,16 @@ async function run(files) {
   const ok = items.length - failed;
   summary.textContent =
     `${ok} of ${items.length} classified` + (failed ? `, ${failed} failed` : "") + ` in ${seconds} s.`;
+}
+
+// The file as the browser decodes it (EXIF orientation applied, as the server does); a file
+// the browser cannot show gets a plain placeholder instead of a broken image.
+function thumbnail(url, name) {
+  const img = el("img", { class: "thumb", src: url, alt: `Preview of ${name}` });
+  img.addEventListener("error", () =>
+    img.replaceWith(el("div", { class: "thumb none", role: "img", "aria-label": `No preview of ${name}`, text: "no preview" })),
+  );
+  return img;
 }
 
 function showAnswer(entry, body, headers) {

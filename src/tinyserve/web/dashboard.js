@@ -164,7 +164,7 @@ function barChart(node, entries, labelledBy) {
     rect.append(tip);
     root.append(rect);
     const label = svg("text", { x: PAD.left + (i + 0.5) * width, y: H - 4, "text-anchor": "middle" });
-    label.textContent = name;
+    label.textContent = name.includes("-") ? name.split("-")[1] : name; // a bucket by its top
     root.append(label);
   });
   const label = svg("text", { x: PAD.left - 4, y: PAD.top + 8, "text-anchor": "end" });
