@@ -9,7 +9,7 @@ from typing import Any
 from tinyserve.classify import EngineRunner, classify_sync, prediction_dicts
 from tinyserve.datasets import IMAGE_SUFFIXES
 from tinyserve.engine import Engine, EngineConfig
-from tinyserve.errors import ConfigError
+from tinyserve.errors import ConfigError, RemoteError
 from tinyserve.repository import resolve
 from tinyserve.requests import Upload
 
@@ -31,15 +31,17 @@ def expand_images(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def predict_files(model: str, paths: Iterable[Path], top_k: int = 5) -> list[dict[str, Any]]:
+def predict_files(
+    model: str, paths: Iterable[Path], top_k: int = 5, api_key: str | None = None
+) -> list[dict[str, Any]]:
     """One result per image: ``{"image", "predictions", "error"}``, in the input order.
 
     ``model`` is a model folder, ``FOLDER:VERSION`` or .onnx file (run in process), or the
     URL of a server (``http://host:port`` for its default model, or
-    ``http://host:port/v1/models/NAME``).
+    ``http://host:port/v1/models/NAME``), which ``api_key`` is sent to.
     """
     if model.startswith(("http://", "https://")):
-        return predict_remote(model, expand_images(paths), top_k)
+        return predict_remote(model, expand_images(paths), top_k, api_key)
     ref = resolve(model)
     runner = EngineRunner(Engine(ref.path, EngineConfig(warmup_runs=0)), ref.name, ref.version)
     files = expand_images(paths)
@@ -64,45 +66,28 @@ def predict_files(model: str, paths: Iterable[Path], top_k: int = 5) -> list[dic
     return results
 
 
-def predict_remote(url: str, files: list[Path], top_k: int) -> list[dict[str, Any]]:
-    """POST each image's bytes to a tinyserve server."""
-    import httpx
+def predict_remote(
+    url: str, files: list[Path], top_k: int, api_key: str | None = None, retries: int = 3
+) -> list[dict[str, Any]]:
+    """POST each image's bytes to a tinyserve server (``tinyserve.client``: 503s and
+    connection errors are retried with backoff, ``retries`` times at most)."""
+    from tinyserve.client import Client
 
-    base = url.rstrip("/")
-    endpoint = base if base.endswith("/predict") else f"{base}/predict"
     results: list[dict[str, Any]] = []
-    with httpx.Client(timeout=60.0) as client:
+    with Client(url, api_key=api_key, retries=retries, timeout=60.0) as client:
         for path in files:
             item: dict[str, Any] = {"image": str(path), "predictions": None, "error": None}
             try:
-                response = client.post(
-                    endpoint,
-                    content=path.read_bytes(),
-                    params={"top_k": top_k},
-                    headers={"content-type": "application/octet-stream"},
-                )
-            except httpx.HTTPError as exc:
-                raise ConfigError(f"cannot reach {endpoint}: {exc}") from exc
-            body = _json_or_none(response)
-            if response.status_code == 200 and body is not None:
+                body = client.predict(path.read_bytes(), top_k)
+            except RemoteError as exc:
+                if exc.status is None:
+                    raise  # no server to answer the other images either
+                item["error"] = {"code": exc.code, "message": exc.message}
+            else:
                 item.update(model=body["model"], version=body["version"])
                 item["predictions"] = [
                     {k: p[k] for k in ("label", "class_id", "confidence")}
                     for p in body["predictions"]
                 ]
-            else:
-                error = (body or {}).get("error") or {}
-                item["error"] = {
-                    "code": error.get("code", f"http_{response.status_code}"),
-                    "message": error.get("message", response.text[:200]),
-                }
             results.append(item)
     return results
-
-
-def _json_or_none(response: Any) -> dict[str, Any] | None:
-    try:
-        data = response.json()
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None

@@ -81,13 +81,18 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="API key sent to a server URL.", envvar="TINYSERVE_API_KEY"),
+    ] = None,
 ) -> None:
-    """Classify images with a local model, or through a server when MODEL is an http:// URL."""
+    """Classify images with a local model, or through a server when MODEL is an http:// URL
+    (a 503 or a connection error is retried a few times, with backoff)."""
     import orjson
 
     from tinyserve.predict import predict_files
 
-    results = predict_files(model, images, top_k)
+    results = predict_files(model, images, top_k, api_key)
     if json_output:
         for item in results:
             typer.echo(orjson.dumps(item).decode())
