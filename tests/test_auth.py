@@ -473,3 +473,19 @@ def test_live_server_logs_no_key_and_revokes_on_admin_reload(
     assert "API keys reloaded: 0 live" in output and '"status":401' in output
     assert secret not in output and secret.split("_", 2)[2] not in output
     assert key.sha256 not in output
+
+
+def test_bench_http_sends_the_key_in_a_header(serve: Callable[..., Any], key_file: Path) -> None:
+    _, secret = create_key(key_file, "bench")
+    server = serve(env={"TINYSERVE_API_KEYS": str(key_file)})
+    image = str(next(SAMPLES.glob("*ankle-boot.png")))
+    args = ["bench", "http", f"{server.url}/predict", "--image", image, "--concurrency", "1",
+            "--warmup", "0", "--duration", "0.3", "--no-metrics", "--json"]  # fmt: skip
+    runner = CliRunner()
+    refused = runner.invoke(cli_app, args)
+    assert refused.exit_code != 0 and "answered 401" in str(refused.exception)
+    done = runner.invoke(cli_app, [*args, "--header", f"X-API-Key: {secret}"])
+    assert done.exit_code == 0, done.output
+    step = json.loads(done.stdout)["steps"][0]
+    assert step["ok"] > 0 and set(step["statuses"]) == {"200"}
+    assert runner.invoke(cli_app, [*args, "--header", "no colon"]).exit_code != 0

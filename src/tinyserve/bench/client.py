@@ -13,7 +13,7 @@ import ipaddress
 import mimetypes
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -144,16 +144,19 @@ def build_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def image_request(target: Target, image_path: Path, kind: str) -> bytes:
-    """A POST of the image at ``image_path`` to ``target`` as a ``kind`` body."""
+def image_request(
+    target: Target, image_path: Path, kind: str, extra: Sequence[tuple[str, str]] = ()
+) -> bytes:
+    """A POST of the image at ``image_path`` to ``target`` as a ``kind`` body, with the
+    ``extra`` headers (an API key, say)."""
     try:
         image = image_path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read image {image_path}: {exc.strerror or exc}") from exc
     body, content_type = encode_body(image, image_path.name, kind)
-    headers = None
+    headers = dict(extra)
     if kind == "v2":  # the binary tensor extension: where the JSON header ends
-        headers = {"Inference-Header-Content-Length": str(len(v2_header(len(image) + 4)))}
+        headers["Inference-Header-Content-Length"] = str(len(v2_header(len(image) + 4)))
     return build_request(target, "POST", body, content_type, headers)
 
 

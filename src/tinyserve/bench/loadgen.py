@@ -64,6 +64,7 @@ class LoadConfig:
     metrics: bool = True
     allow_remote: bool = False
     uvloop: bool = True
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request (an API key, say)
 
     def __post_init__(self) -> None:
         if self.body not in BODY_KINDS:
@@ -181,7 +182,7 @@ def _loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] |
 
 async def _run(config: LoadConfig, progress: Callable[[str], None] | None) -> LoadReport:
     target = config.target
-    request = image_request(target, config.image, config.body)
+    request = image_request(target, config.image, config.body, config.headers)
     report = LoadReport(
         url=target.url,
         body=config.body,

@@ -101,6 +101,13 @@ def bench_http(
     allow_remote: Annotated[
         bool, typer.Option(help="Allow a target outside loopback (a server you operate).")
     ] = False,
+    header: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="'Name: value' sent with every request, e.g. 'Authorization: Bearer tsk_...' "
+            "(repeat for more)."
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
     report: Annotated[
@@ -137,6 +144,7 @@ def bench_http(
             timeout_s=timeout,
             metrics=metrics and not noop,
             allow_remote=allow_remote,
+            headers=tuple(_header(h) for h in header or ()),
         )
         with _progress(len(steps) + len(rates), enabled=not json_output) as advance:
             result = run_load(config, progress=advance)
@@ -154,6 +162,13 @@ def bench_http(
         console.print(f"[yellow]warning:[/] {warning}")
     if report is not None:
         console.print(f"wrote {report} and {out}")
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip() or any(c in text for c in "\r\n"):
+        raise ConfigError("--header takes 'Name: value' (one header, one line)")
+    return name.strip(), value.strip()
 
 
 def _numbers(text: str, flag: str, kind: Callable[[str], _N]) -> tuple[_N, ...]:
