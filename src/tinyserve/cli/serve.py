@@ -51,6 +51,11 @@ def serve(context: typer.Context, **params: Any) -> None:
     warning = exposure_warning(config, run)
     if warning is not None:
         logging.getLogger("tinyserve").warning(warning)
+    if run.backend == "ray":  # Ray Serve deployments on a cluster (the ray extra)
+        from tinyserve import ray_serve
+
+        ray_serve.run(config, run)
+        return
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op
     # handler here makes a drained shutdown exit 0, as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
