@@ -103,7 +103,8 @@ def json_reply(data: Any, status: int = 200,
 
 async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     """The whole request body, refusing (413) anything larger than ``limit`` bytes."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {int(declared):,} bytes; limit {limit:,}")
     chunks: list[bytes] = []
     size = 0
@@ -212,7 +213,9 @@ def _part(head: bytes, data: bytes) -> Part:
         params[key.lower()] = value
     if "filename*" in params:  # RFC 5987: charset'language'percent-encoded
         charset, _, encoded = params["filename*"].partition("'")
-        params["filename"] = unquote(encoded.partition("'")[2], charset or "utf-8", "replace")
+        # Only the RFC's two charsets: a name from the client must not pick a Python codec.
+        charset = "latin-1" if charset.strip().lower() == "iso-8859-1" else "utf-8"
+        params["filename"] = unquote(encoded.partition("'")[2], charset, "replace")
     if "name" not in params:
         raise InvalidParameter("malformed multipart body: a part has no field name")
     return Part(params["name"], params.get("filename"), data)

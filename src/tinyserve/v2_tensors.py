@@ -245,7 +245,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary part, given the Inference-Header-Content-Length."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit():
+    if not (header_length.strip().isascii() and header_length.strip().isdigit()):
         raise InvalidParameter(
             f"Inference-Header-Content-Length must be a number: {header_length!r}"
         )
