@@ -29,7 +29,7 @@ from tinyserve.errors import ConfigError, ModelError
 from tinyserve.imaging import Pixels, load_image
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
 from tinyserve.predict import expand_images
-from tinyserve.repository import save_version, validate_name
+from tinyserve.repository import staged_version, validate_name
 
 LAYOUTS = ("nchw", "nhwc")
 INPUT_NAME = "pixels"
@@ -129,19 +129,20 @@ def import_onnx(config: OnnxImportConfig) -> ImportResult:
     write_manifest(combined, manifest.with_source(verification=verification))
 
     model_dir = config.repo / config.name
-    saved = save_version(model_dir, combined, config.version)
-    path, version = saved.path, saved.version
-    report = {
-        "model": config.name,
-        "version": version,
-        "path": str(path),
-        "bytes": path.stat().st_size,
-        "input": asdict(spec),
-        "verification": verification,
-        "source": dict(manifest.source),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    (path.parent / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    with staged_version(model_dir, config.version) as staged:  # model and report at once
+        size = staged.save_model(combined)
+        path, version = staged.path, staged.version
+        report = {
+            "model": config.name,
+            "version": version,
+            "path": str(path),
+            "bytes": size,
+            "input": asdict(spec),
+            "verification": verification,
+            "source": dict(manifest.source),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        staged.write(REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return ImportResult(path, report)
 
 

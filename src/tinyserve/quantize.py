@@ -32,7 +32,7 @@ from tinyserve.errors import ConfigError, DatasetError, ModelError
 from tinyserve.evaluate import evaluation_set, predict_classes
 from tinyserve.imaging import Pixels
 from tinyserve.manifest import Manifest, read_manifest, write_manifest
-from tinyserve.repository import ModelRef, next_version, resolve, save_version
+from tinyserve.repository import ModelRef, resolve, staged_version
 
 MODES = ("dynamic", "static", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -173,16 +173,17 @@ def quantize(config: QuantizeConfig, progress: bool = False) -> QuantizeResult:
         }
         if not gate.passed and not config.force:
             return QuantizeResult(None, None, gate, report)
-        version = next_version(config.model_dir)
-        path = _write_version(candidate, config.model_dir, version, manifest, parent, lineage)
-    report.update(
-        version=version,
-        path=str(path),
-        bytes=path.stat().st_size,
-        seconds=round(time.perf_counter() - started, 2),
-    )
-    (path.parent / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return QuantizeResult(path, version, gate, report)
+        model = _versioned_model(candidate, manifest, parent, lineage)
+        with staged_version(config.model_dir) as staged:  # model and report at once
+            size = staged.save_model(model)
+            report.update(
+                version=staged.version,
+                path=str(staged.path),
+                bytes=size,
+                seconds=round(time.perf_counter() - started, 2),
+            )
+            staged.write(REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    return QuantizeResult(staged.path, staged.version, gate, report)
 
 
 def convert(source: Path, target: Path, manifest: Manifest, config: QuantizeConfig) -> str:
@@ -337,21 +338,17 @@ def agreement_gate(
     )
 
 
-def _write_version(
-    candidate: Path,
-    model_dir: Path,
-    version: int,
-    manifest: Manifest,
-    parent: ModelRef,
-    lineage: dict[str, Any],
-) -> Path:
+def _versioned_model(
+    candidate: Path, manifest: Manifest, parent: ModelRef, lineage: dict[str, Any]
+) -> Any:
+    """The candidate with its parent's manifest and its own lineage."""
     import onnx
 
     model = onnx.load(str(candidate))
     source = {k: v for k, v in manifest.source.items() if k != "parity"}
     source.update(parent_version=parent.version, optimization=lineage)
     write_manifest(model, Manifest(manifest.labels, manifest.input, source))
-    return save_version(model_dir, model, version).path
+    return model
 
 
 def _to_fp16(prepared: Path, target: Path, keep_float: list[str]) -> None:

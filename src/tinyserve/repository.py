@@ -14,18 +14,22 @@ a model folder, or a single .onnx file. ``model_name`` and ``model_files`` descr
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tinyserve.errors import ConfigError, ModelNotFound
+from tinyserve.errors import ConfigError, ModelError, ModelNotFound
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PARTIAL = ".partial-"  # a version being written (staged_version)
 ROLLOUT_KEYS = ("traffic", "sticky", "shadow", "fallback", "canary", "breaker")
 
 
@@ -108,18 +112,95 @@ def version_path(model_dir: Path, version: int) -> Path:
     return model_dir / str(version) / MODEL_FILE
 
 
+class StagedVersion:
+    """A new version being written in a hidden folder beside the versions (see
+    ``staged_version``); ``path`` is where its model will be once it is in place."""
+
+    def __init__(self, model_dir: Path, version: int, folder: Path) -> None:
+        self.model_dir = model_dir
+        self.version = version
+        self.folder = folder
+        self.final = model_dir / str(version)
+        self.path = self.final / MODEL_FILE
+        self.size = 0
+
+    def save_model(self, model: Any) -> int:
+        """Write an ``onnx.ModelProto`` as the version's model; its size in bytes."""
+        import onnx
+
+        target = self.folder / MODEL_FILE
+        onnx.save(model, str(target))
+        self.size = target.stat().st_size
+        return self.size
+
+    def write(self, name: str, text: str) -> None:
+        (self.folder / name).write_text(text)
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model_dir.name, self.version, self.path)
+
+
+@contextlib.contextmanager
+def staged_version(model_dir: Path, version: int | None = None) -> Iterator[StagedVersion]:
+    """Write a new version (next free one by default) all at once, or not at all.
+
+    Everything goes into ``model_dir/.partial-<version>-<pid>/``, which no reader lists; when
+    the block ends, that folder is renamed to ``model_dir/<version>`` in one step. A failure
+    (a full disk, a bad model) removes it and says so; a process killed meanwhile leaves only
+    the hidden folder, which the next write clears away. So a server never finds half a
+    version: either the model and its reports are there, or nothing is.
+    """
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_partials(model_dir)
+    version = version or next_version(model_dir)
+    final = model_dir / str(version)
+    if (final / MODEL_FILE).exists():
+        raise ConfigError(f"{final} already holds a model; choose another version")
+    folder = model_dir / f"{_PARTIAL}{version}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    staged = StagedVersion(model_dir, version, folder)
+    try:
+        yield staged
+        if final.exists():  # an empty folder left by hand: replaced; anything else: refused
+            final.rmdir()
+        os.rename(folder, final)
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ModelError(
+            f"cannot write version {version} of {model_dir}: {exc.strerror or exc}; nothing "
+            "was added to the repository"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def save_version(model_dir: Path, model: Any, version: int | None = None) -> ModelRef:
     """Write an ``onnx.ModelProto`` as ``model_dir/<version>/model.onnx`` (next free version by
-    default), through a temporary file so a reader never sees half a model."""
-    import onnx
+    default), all at once (``staged_version``)."""
+    with staged_version(model_dir, version) as staged:
+        staged.save_model(model)
+    return staged.ref
 
-    version = version or next_version(model_dir)
-    path = version_path(model_dir, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".onnx.tmp")
-    onnx.save(model, str(partial))
-    partial.replace(path)
-    return ModelRef(model_dir.name, version, path)
+
+def _clear_stale_partials(model_dir: Path) -> None:
+    for folder in model_dir.glob(f"{_PARTIAL}*"):
+        pid = folder.name.rpartition("-")[2]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolve(target: str | Path, version: int | None = None) -> ModelRef:

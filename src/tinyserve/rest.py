@@ -279,7 +279,8 @@ async def reload(context: ServingContext, call: Call) -> Reply:
     registry = context.registry
     name = call.path_params.get("model") or registry.default_name
     if name not in registry.on_disk():
-        raise ModelNotFound(f"no model {name!r} on disk in {context.config.repo}")
+        kept = "; the previous version keeps serving" if name in registry.names else ""
+        raise ModelNotFound(f"no model {name!r} on disk in {context.config.repo}{kept}")
     try:
         loaded = await registry.load(name)
     except TinyServeError as exc:

@@ -6,7 +6,14 @@ prefix is listed and each ``model.onnx`` and ``config.toml`` under it is downloa
 a later sync keeps a cached file whose size and ETag still match the listing, downloads a
 changed one again, and removes cached files whose object is gone. Each download goes to a
 temporary file next to its target, is checked (byte count, and the MD5 when the ETag is
-one), and only then renamed into place, so the cache never holds a partial file.
+one), and only then renamed into place, so the cache never holds a partial file, and a
+failed refresh leaves the previous copy as it was.
+
+When S3 cannot be reached, or answers slowly or with bytes that fail their check,
+``materialize`` serves the copy of the last complete sync, if the cache holds one, and says
+so in the log; with no such copy it raises the error. Each S3 call gives up after
+``S3_CONNECT_TIMEOUT_S``/``S3_READ_TIMEOUT_S`` and ``S3_ATTEMPTS`` attempts, so neither a
+dead nor a hung endpoint can hold a start-up for long.
 
 Credentials, region and endpoint come from the standard AWS environment and config files
 (``AWS_ENDPOINT_URL`` points at MinIO or another S3-compatible store). Sources are only
@@ -38,6 +45,10 @@ _META_SUFFIX = ".s3.json"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK = 1024 * 1024
+_COMPLETE = ".complete.json"  # written after a sync that fetched everything it listed
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 20.0
+S3_ATTEMPTS = 3
 
 
 def default_cache_dir() -> Path:
@@ -82,8 +93,23 @@ def is_remote(source: str | Path) -> bool:
 
 
 def materialize(source: str | Path, cache_dir: Path | None = None) -> Path:
-    """The local folder holding ``source``: a local path as is, S3 synced into the cache."""
-    return sync(source, cache_dir).path
+    """The local folder holding ``source``: a local path as is, S3 synced into the cache, or
+    the cache's last complete copy when S3 fails."""
+    try:
+        return sync(source, cache_dir).path
+    except ModelError as exc:
+        if not is_remote(source):
+            raise
+        location = S3Location.parse(str(source))
+        root = (cache_dir or default_cache_dir()) / "s3" / location.bucket / location.prefix
+        marker = root / _COMPLETE
+        if not marker.is_file():
+            raise
+        log.warning(
+            "%s cannot be synced (%s); serving the copy of its last complete sync in %s",
+            location.uri, exc.message, root,
+        )  # fmt: skip
+        return root
 
 
 def sync(source: str | Path, cache_dir: Path | None = None, into: Path | None = None) -> SyncResult:
@@ -109,6 +135,8 @@ def sync(source: str | Path, cache_dir: Path | None = None, into: Path | None = 
             _download(client, location, key, size, etag, target)
             downloaded.append(key)
         removed = _prune(root, set(objects))
+        if into is None:
+            _write_atomic(root / _COMPLETE, json.dumps(sorted(objects)))
     if downloaded:
         log.info("%s: downloaded %s into %s", location.uri, ", ".join(downloaded), root)
     return SyncResult(root, tuple(downloaded), tuple(reused), removed)
@@ -127,7 +155,14 @@ def _client() -> Any:
         import botocore.session
     except ImportError:  # pragma: no cover - depends on the install
         raise ConfigError("s3:// sources need boto3: pip install 'tinyserve[s3]'") from None
-    return botocore.session.get_session().create_client("s3")
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_READ_TIMEOUT_S,
+        retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+    )
+    return botocore.session.get_session().create_client("s3", config=config)
 
 
 def _list(client: Any, location: S3Location) -> dict[str, tuple[int, str]]:
@@ -184,7 +219,9 @@ def _download(
 
     uri = f"{location.uri}/{key}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    forget(target)  # the old copy and its record go first: a crash leaves nothing stale
+    # The old copy stays until the new one is checked: a failed refresh keeps it usable. Its
+    # record describes the old object, so a crash after the swap only means one more
+    # download next time.
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         full_key = f"{location.prefix}/{key}" if location.prefix else key
