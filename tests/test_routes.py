@@ -49,7 +49,8 @@ def test_every_served_route_is_documented_and_every_documented_one_served(
     documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
     catch_alls = {(r.method, r.path) for r in ROUTES if not r.documented}
     assert catch_alls == {("GET", "/v2/{path:path}"), ("POST", "/v2/{path:path}")}
-    assert documented == served_routes() - catch_alls
+    unconverted = {(m, re.sub(r"{(\w+):\w+}", r"{\1}", p)) for m, p in served_routes() - catch_alls}
+    assert documented == unconverted  # OpenAPI writes Starlette's {name:path} as {name}
     for path, operations in spec["paths"].items():
         names = {p["name"] for op in operations.values() for p in op["parameters"]}
         assert set(path_params(path)) <= names, path

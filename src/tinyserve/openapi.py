@@ -7,6 +7,7 @@ cannot be served without being documented, nor documented without being served.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ Schema = dict[str, Any]
 
 __all__ = ["describe"]
 
+_CONVERTER = re.compile(r"{(\w+):\w+}")
 _STRING: Schema = {"type": "string"}
 _INTEGER: Schema = {"type": "integer"}
 _NUMBER: Schema = {"type": "number"}
@@ -231,7 +233,9 @@ def describe(routes: Iterable[Route]) -> Schema:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if route.documented:
-            paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+            # OpenAPI paths name parameters only: "{name:path}" (Starlette's) is "{name}".
+            path = _CONVERTER.sub(r"{\1}", route.path)
+            paths.setdefault(path, {})[route.method.lower()] = _operation(route)
     return {
         "openapi": "3.0.3",
         "info": {
@@ -273,6 +277,8 @@ def _operation(route: Route) -> Schema:
             "description": "error",
             "content": {"application/json": {"schema": error}},
         }
+    if not route.response_type and route.errors == "v2" and 400 in route.statuses:
+        responses["400"] = {"description": "not ready (no body)"}  # V2's readiness answer
     operation: Schema = {
         "summary": route.summary,
         "tags": [route.tag],

@@ -48,7 +48,7 @@ def _model(context: ServingContext, call: Call, routed: bool = False) -> LoadedM
     one the model's rollout chooses."""
     name = call.path_params["model"]
     raw = call.path_params.get("version")
-    if raw is not None and not raw.isdigit():
+    if raw is not None and not (raw.isascii() and raw.isdigit()):  # int() refuses "²"
         raise InvalidParameter(f"model version must be a whole number, got {raw!r}")
     if raw is None and routed:
         return context.model(name, None, call)
@@ -303,6 +303,7 @@ _M = "/v2/models/{model}"
 _V = "/v2/models/{model}/versions/{version}"
 _V2: dict[str, Any] = {"tag": "v2", "errors": "v2"}
 _EMPTY: dict[str, Any] = {**_V2, "response_type": ""}
+_READY: dict[str, Any] = {**_EMPTY, "statuses": (400,)}  # V2's "not ready"
 _READ: dict[str, Any] = {**_V2, "statuses": (400, 404, 503)}
 _INFER: dict[str, Any] = {**_V2, "counted": True, "body": schemas.V2_INFER_BODY,
                           "response": schemas.V2_INFER_RESPONSE,
@@ -313,9 +314,9 @@ V2_ROUTES: tuple[Route, ...] = (
     Route("GET", "/v2", server_metadata, "Server metadata", **_V2),
     Route("GET", "/v2/health/live", live, "Liveness", **_EMPTY),
     Route("GET", "/v2/health/ready", ready, "Readiness (400 until every model is loaded)",
-          **_EMPTY),
-    Route("GET", f"{_M}/ready", model_ready, "Model readiness (400 if not ready)", **_EMPTY),
-    Route("GET", f"{_V}/ready", model_ready, "Model version readiness", **_EMPTY),
+          **_READY),
+    Route("GET", f"{_M}/ready", model_ready, "Model readiness (400 if not ready)", **_READY),
+    Route("GET", f"{_V}/ready", model_ready, "Model version readiness", **_READY),
     Route("GET", "/v2/models/stats", stats, "Statistics of every model", **_READ),
     Route("GET", f"{_M}/stats", stats, "Model statistics", **_READ),
     Route("GET", f"{_V}/stats", stats, "Model version statistics", **_READ),
