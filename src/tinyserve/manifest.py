@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 LABELS_KEY = "tinyserve.labels"
 INPUT_KEY = "tinyserve.input"
 SOURCE_KEY = "tinyserve.source"
+TASK_KEY = "tinyserve.task"
+OUTPUTS_KEY = "tinyserve.outputs"
+TASKS = ("classify", "detect")
 
 COLOR_CHANNELS = {"L": 1, "RGB": 3}
 RESIZE_POLICIES = ("stretch", "crop")
@@ -75,17 +78,29 @@ class Manifest:
     labels: tuple[str, ...]
     input: InputSpec
     source: Mapping[str, Any] = field(default_factory=dict)
+    # "classify" (logits [N, classes]) or "detect" (see detection.py for its output contract,
+    # which ``outputs`` describes); classifiers written before tasks existed have neither key.
+    task: str = "classify"
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
 
     def to_metadata(self) -> dict[str, str]:
-        return {
+        metadata = {
             LABELS_KEY: json.dumps(list(self.labels)),
             INPUT_KEY: json.dumps(asdict(self.input)),
             SOURCE_KEY: json.dumps(dict(self.source), sort_keys=True),
         }
+        if self.task != "classify":
+            metadata[TASK_KEY] = self.task
+            metadata[OUTPUTS_KEY] = json.dumps(dict(self.outputs), sort_keys=True)
+        return metadata
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], where: str = "model") -> Manifest:
@@ -99,12 +114,21 @@ class Manifest:
             labels = tuple(str(x) for x in json.loads(metadata[LABELS_KEY]))
             spec = InputSpec.from_dict(json.loads(metadata[INPUT_KEY]))
             source = json.loads(metadata.get(SOURCE_KEY, "{}"))
+            outputs = json.loads(metadata.get(OUTPUTS_KEY, "{}"))
+            return cls(
+                labels=labels,
+                input=spec,
+                source=source,
+                task=metadata.get(TASK_KEY, "classify"),
+                outputs=outputs,
+            )
         except (ValueError, TypeError) as exc:
             raise ModelError(f"{where} has malformed tinyserve metadata: {exc}") from exc
-        return cls(labels=labels, input=spec, source=source)
 
     def with_source(self, **updates: Any) -> Manifest:
-        return Manifest(self.labels, self.input, {**self.source, **updates})
+        return Manifest(
+            self.labels, self.input, {**self.source, **updates}, self.task, self.outputs
+        )
 
 
 def read_labels(path: str | Path) -> tuple[str, ...]:
