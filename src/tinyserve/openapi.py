@@ -178,7 +178,7 @@ _V2_TENSOR: Schema = {
     "properties": {
         "name": _STRING,
         "datatype": {"type": "string", "enum": ["UINT8", "BYTES", "FP32"]},
-        "shape": {"type": "array", "items": _INTEGER},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 4},
         "data": {"type": "array", "items": {}},
         "parameters": {"type": "object"},
     },
@@ -217,7 +217,28 @@ V2_INFER_RESPONSE: Schema = {
         "outputs": {"type": "array", "items": _V2_TENSOR},
     },
 }
+_DEADLINE: Schema = {
+    "name": "X-Request-Timeout",
+    "in": "header",
+    "description": "seconds (0.25) or milliseconds (250ms) the request may wait and run",
+    "schema": _STRING,
+}
+V2_INFER_HEADERS: tuple[Schema, ...] = (
+    {
+        "name": "Inference-Header-Content-Length",
+        "in": "header",
+        "description": "binary tensor extension: the length of the JSON header",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    {
+        "name": "Content-Encoding",
+        "in": "header",
+        "schema": {"type": "string", "enum": ["identity", "gzip", "deflate"]},
+    },
+    _DEADLINE,
+)
 PREDICT_QUERY: tuple[Schema, ...] = (
+    _DEADLINE,
     {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1}},
     {
         "name": "version",

@@ -306,6 +306,7 @@ _EMPTY: dict[str, Any] = {**_V2, "response_type": ""}
 _READY: dict[str, Any] = {**_EMPTY, "statuses": (400,)}  # V2's "not ready"
 _READ: dict[str, Any] = {**_V2, "statuses": (400, 404, 503)}
 _INFER: dict[str, Any] = {**_V2, "counted": True, "body": schemas.V2_INFER_BODY,
+                          "query": schemas.V2_INFER_HEADERS,
                           "response": schemas.V2_INFER_RESPONSE,
                           "statuses": (400, 404, 413, 503, 504)}  # fmt: skip
 _REPO: dict[str, Any] = {**_V2, "admin": True, "statuses": (400, 401, 404, 500)}
