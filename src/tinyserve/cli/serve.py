@@ -44,6 +44,7 @@ def serve(context: typer.Context, **params: Any) -> None:
     import uvicorn
 
     from tinyserve.app import create_app
+    from tinyserve.cli.protocol import BoundedHttpToolsProtocol
 
     given = {n: v for n, v in params.items() if _from_command_line(context, n)}
     config, run = serve_config(given)
@@ -64,7 +65,7 @@ def serve(context: typer.Context, **params: Any) -> None:
         host=run.host,
         port=run.port,
         loop="auto",
-        http="auto",
+        http=BoundedHttpToolsProtocol,  # httptools, refusing huge headers and slow clients
         ws="none",  # no WebSocket routes; spares importing a WebSocket implementation
         access_log=False,
         log_level=run.log_level,
