@@ -6,6 +6,7 @@
 #   prometheus             promtool, which checks and unit-tests the alert rules
 #   nginx-light            the compose file's load balancer config (nginx -t)
 #   shellcheck             deploy/deploy.sh's lint
+#   wrk                    the overload measurements of make reliability
 # Without apt-get, or without root and sudo, it says what is missing and carries on: the
 # tests that need a missing program skip with that reason.
 set -euo pipefail
@@ -15,7 +16,7 @@ if [ ! -f "$data/t10k-images-idx3-ubyte.gz" ] && [ ! -f "$data/t10k-images-idx3-
   missing+=(dataset-fashion-mnist)
 fi
 for pair in chromium:chromium redis-server:redis-server promtool:prometheus \
-            nginx:nginx-light shellcheck:shellcheck; do
+            nginx:nginx-light shellcheck:shellcheck wrk:wrk; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] \
     || missing+=("${pair#*:}")
 done

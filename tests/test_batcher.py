@@ -215,3 +215,71 @@ def test_slow_models_and_inline_off_keep_the_inference_thread(
 def test_config_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         BatchConfig(**kwargs)  # type: ignore[arg-type]
+
+
+async def admitted(batcher: Batcher, value: int, order: list[int]) -> float:
+    ticket = await batcher.admit()
+    order.append(value)
+    row, _ = await batcher.submit(image(value), ticket=ticket)
+    return float(row[0])
+
+
+def test_a_full_queue_lets_requests_wait_in_order_then_refuses_beyond_the_waiting_room() -> None:
+    async def scenario() -> None:
+        engine = FakeEngine(delay=0.05)
+        batcher = Batcher(engine, BatchConfig(max_batch_size=2, max_queue=2, max_waiting=3))
+        batcher.start()
+        order: list[int] = []
+        first = [asyncio.ensure_future(admitted(batcher, v, order)) for v in range(5)]
+        await asyncio.sleep(0.01)
+        assert (batcher.depth, batcher.waiting) == (2, 3)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded, match="2 requests queued and 3 waiting"):
+            await batcher.admit()  # the waiting room is full: refused at once
+        assert time.perf_counter() - started < 0.01
+        assert await asyncio.gather(*first) == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert order == [0, 1, 2, 3, 4]  # let in oldest first
+        assert (batcher.depth, batcher.waiting, batcher._admitted) == (0, 0, 0)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_leaves_or_a_ticket_given_back_unused_frees_its_place() -> None:
+    async def scenario() -> None:
+        batcher = Batcher(FakeEngine(delay=0.05), BatchConfig(max_queue=1, max_waiting=4))
+        batcher.start()
+        holder = await batcher.admit()
+        leaving = asyncio.ensure_future(batcher.admit())
+        staying = asyncio.ensure_future(batcher.admit())
+        await asyncio.sleep(0)
+        leaving.cancel()
+        holder.release()  # e.g. its image failed to decode: never queued
+        holder.release()  # a second release changes nothing
+        ticket = await asyncio.wait_for(staying, 1)
+        assert batcher._admitted == 1
+        ticket.release()
+        assert batcher._admitted == 0 and batcher.waiting == 0
+        waiter_holder = await batcher.admit()
+        waiter = asyncio.ensure_future(batcher.admit())
+        await asyncio.sleep(0)
+        await batcher.close(0)
+        with pytest.raises(ModelNotReady, match="shutting down"):
+            await waiter
+        waiter_holder.release()
+
+    asyncio.run(scenario())
+
+
+def test_waiting_for_room_is_bounded_by_the_timeout() -> None:
+    async def scenario() -> None:
+        batcher = Batcher(FakeEngine(), BatchConfig(max_queue=1, timeout_s=0.05))
+        batcher.start()
+        held = await batcher.admit()
+        with pytest.raises(Overloaded, match="no room in the queue within 0.05s"):
+            await batcher.admit()
+        held.release()
+        assert batcher._admitted == 0
+        await batcher.close()
+
+    asyncio.run(scenario())

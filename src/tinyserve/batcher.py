@@ -5,7 +5,14 @@ the first waiting item, then gathers more until ``max_batch_size`` or until ``ma
 has passed since the first, skips callers that have gone, stacks the pixels and runs one
 inference in the batcher's own thread (ONNX Runtime releases the GIL), then resolves each
 future with its row. While a batch runs, new requests queue up, so batches grow with load
-even when ``max_delay_ms`` is 0. A full queue fails at once with ``Overloaded``.
+even when ``max_delay_ms`` is 0.
+
+Admission comes before any of that: a request first takes a ``Ticket`` (``admit``), before
+its body is read or decoded, and gives it back as its images enter the queue. While the
+queue's ``max_queue`` places are taken, up to ``max_waiting`` requests wait for one, in
+order, costing nothing but an idle coroutine; beyond that a request is refused at once with
+``Overloaded``, having cost no more than its headers. So a flood of clients waits or is
+turned away cheaply, and never takes the event loop away from the requests being served.
 
 A lone request for a model that runs one image in under ``inline_ms`` runs on the event
 loop's own thread instead: at low load the two hand-offs to and from the inference thread
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +48,7 @@ class BatchConfig:
     max_queue: int = 512
     timeout_s: float = 30.0
     inline_ms: float = 1.0
+    max_waiting: int = 2048
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -52,6 +61,8 @@ class BatchConfig:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
         if self.inline_ms < 0:
             raise ValueError(f"inline_ms must be >= 0, got {self.inline_ms}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,22 @@ class _Item:
     trace: tracing.RequestTrace | None = None  # its request's, while tracing is on
 
 
+class Ticket:
+    """A request's place in a batcher's queue, held from admission until its images are
+    queued (``release``, which may be called more than once)."""
+
+    __slots__ = ("batcher",)
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher: Batcher | None = batcher
+
+    def release(self) -> None:
+        batcher, self.batcher = self.batcher, None
+        if batcher is not None:
+            batcher._admitted -= 1
+            batcher._wake()
+
+
 class Batcher:
     """Collects single-image requests into batches for one ``infer`` function."""
 
@@ -93,6 +120,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self._inflight = 0
+        self._admitted = 0  # tickets out: admitted requests whose images are not queued yet
+        self._waiting: deque[asyncio.Future[None]] = deque()
         self._closing = False
         self._batches = 0
         self._single_s = float("inf")  # recent time of a one-image inference, in seconds
@@ -102,6 +131,51 @@ class Batcher:
     def depth(self) -> int:
         """Requests waiting or running."""
         return self._inflight
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for admission."""
+        return len(self._waiting)
+
+    async def admit(self) -> Ticket:
+        """A place in the queue for one request, once there is one (see the module)."""
+        if self._closing or self._queue is None:
+            raise ModelNotReady(f"{self.name} is not accepting requests")
+        if not self._waiting and self._inflight + self._admitted < self.config.max_queue:
+            self._admitted += 1
+            return Ticket(self)
+        if len(self._waiting) >= self.config.max_waiting:
+            raise Overloaded(
+                f"{self.name} has {self.config.max_queue} requests queued and "
+                f"{len(self._waiting)} waiting; retry shortly",
+                retry_after=1.0,
+            )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        timeout = self.config.timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                return Ticket(self)  # let in just as the time ran out
+            raise Overloaded(
+                f"{self.name}: no room in the queue within {timeout:g}s; retry later"
+            ) from None
+        except BaseException:  # the caller went away
+            if future.done() and not future.cancelled() and future.exception() is None:
+                Ticket(self).release()
+            raise
+        return Ticket(self)
+
+    def _wake(self) -> None:
+        """Let waiting requests in, oldest first, while the queue has room."""
+        waiting = self._waiting
+        while waiting and self._inflight + self._admitted < self.config.max_queue:
+            future = waiting.popleft()
+            if not future.done():
+                self._admitted += 1
+                future.set_result(None)
 
     @property
     def closing(self) -> bool:
@@ -131,14 +205,20 @@ class Batcher:
         return batches * self._batch_s
 
     async def submit(
-        self, pixels: Pixels, timeout_s: float | None = None
+        self, pixels: Pixels, timeout_s: float | None = None, ticket: Ticket | None = None
     ) -> tuple[Logits, BatchTiming]:
         """Logits row for one image, once its batch has run (within ``timeout_s``, or the
-        configured timeout)."""
-        return await self._wait(self._enqueue(pixels), timeout_s)
+        configured timeout). A ``ticket`` from ``admit`` is given back once it is queued."""
+        future = self._enqueue(pixels)
+        if ticket is not None:
+            ticket.release()
+        return await self._wait(future, timeout_s)
 
     async def submit_many(
-        self, images: Sequence[Pixels], timeout_s: float | None = None
+        self,
+        images: Sequence[Pixels],
+        timeout_s: float | None = None,
+        ticket: Ticket | None = None,
     ) -> list[tuple[Logits, BatchTiming]]:
         """Enqueue several images at once (they share batches) and wait for all of them."""
         if len(images) > self.config.max_queue:
@@ -147,6 +227,8 @@ class Batcher:
                 f"{self.name}; send smaller batches"
             )
         futures = [self._enqueue(p) for p in images]
+        if ticket is not None:
+            ticket.release()
         return list(await asyncio.gather(*(self._wait(f, timeout_s) for f in futures)))
 
     def _enqueue(self, pixels: Pixels) -> asyncio.Future[tuple[Logits, BatchTiming]]:
@@ -207,6 +289,8 @@ class Batcher:
                     items.append(queue.get_nowait())
             live = [item for item in items if not item.future.done()]
             self._inflight -= len(items) - len(live)
+            if self._waiting:
+                self._wake()
             if live:
                 await self._run_batch(loop, live)
 
@@ -228,6 +312,8 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
             self._inflight -= len(items)
+            if self._waiting:
+                self._wake()
             return
         inference = time.perf_counter() - started
         self._batch_s = 0.8 * self._batch_s + 0.2 * inference if self._batch_s else inference
@@ -240,6 +326,8 @@ class Batcher:
                 timing = BatchTiming(wait, inference, len(items), self._batches)
                 item.future.set_result((row, timing))
         self._inflight -= len(items)
+        if self._waiting:
+            self._wake()
         if self.observer is not None:
             self.observer(len(items), waits, inference)
         if tracing.tracer is not None:
@@ -249,6 +337,10 @@ class Batcher:
     async def close(self, drain_timeout: float = 10.0) -> None:
         """Stop intake, let queued requests finish (up to ``drain_timeout``), then stop."""
         self._closing = True
+        while self._waiting:  # admitted nowhere: they go to the successor, or fail
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(ModelNotReady(f"{self.name} is shutting down; retry"))
         deadline = time.monotonic() + drain_timeout
         while self._inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.005)

@@ -24,9 +24,17 @@ import numpy as np
 from tinyserve import tracing
 from tinyserve.asgi import Call, read_body
 from tinyserve.auth import KeyRing
+from tinyserve.batcher import Ticket
 from tinyserve.cache import ResultCache, open_cache
 from tinyserve.classify import Inferred
-from tinyserve.errors import ConfigError, InputError, RateLimited, TinyServeError, Unauthorized
+from tinyserve.errors import (
+    ConfigError,
+    InputError,
+    ModelNotReady,
+    RateLimited,
+    TinyServeError,
+    Unauthorized,
+)
 from tinyserve.http_errors import ErrorReply, Shape, as_error, error_reply
 from tinyserve.imaging import Decoded, Pixels, decode_upload
 from tinyserve.manifest import InputSpec
@@ -165,6 +173,18 @@ class ServingContext:
             self._rollouts[name] = current
         return current
 
+    async def admit(self, model: LoadedModel) -> tuple[LoadedModel, Ticket]:
+        """A place in ``model``'s queue for one request (``Batcher.admit``), taken before its
+        body is read; during a reload, in the queue of the version that replaces it."""
+        while True:
+            try:
+                return model, await model.batcher.admit()
+            except ModelNotReady:
+                live = model.live()
+                if live is model:
+                    raise
+                model = live
+
     def runner(self, model: LoadedModel) -> ServedRunner:
         return ServedRunner(self, model)
 
@@ -246,16 +266,21 @@ class ServedRunner:
     the place of the one the request looked up.
     """
 
-    __slots__ = ("context", "model", "name", "timeout_s", "version")
+    __slots__ = ("context", "model", "name", "ticket", "timeout_s", "version")
 
     def __init__(
-        self, context: ServingContext, model: LoadedModel, timeout_s: float | None = None
+        self,
+        context: ServingContext,
+        model: LoadedModel,
+        timeout_s: float | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
         self.context = context
         self.model = model
         self.name = model.name
         self.version = model.version
         self.timeout_s = timeout_s  # what is left of the request's deadline
+        self.ticket = ticket  # the request's admission, given back as its images queue
 
     @property
     def fingerprint(self) -> str:
@@ -285,10 +310,12 @@ class ServedRunner:
         model = self.model = self.model.live()
         self.version = model.version
         if len(rows) == 1:
-            row, timing = await model.infer_one(rows[0], self.timeout_s)
+            ticket, self.ticket = self.ticket, None
+            row, timing = await model.infer_one(rows[0], self.timeout_s, ticket)
             return Inferred(row[None, :], (timing.queue,), (timing.inference,), timing.inference,
                             model.version, model.manifest.labels)  # fmt: skip
-        outputs = await model.infer_many(rows, self.timeout_s)
+        ticket, self.ticket = self.ticket, None
+        outputs = await model.infer_many(rows, self.timeout_s, ticket)
         timings = [t for _, t in outputs]
         return Inferred(
             np.stack([row for row, _ in outputs]),

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 
 from tinyserve.asgi import Call
+from tinyserve.batcher import Ticket
 from tinyserve.classify import Results, classify
 from tinyserve.context import ServedRunner, ServingContext
 from tinyserve.errors import (
@@ -59,14 +60,33 @@ async def classify_request(
     uploads: Sequence[Upload],
     top_k: int,
     routed: bool = True,
+    ticket: Ticket | None = None,
 ) -> Results:
     """Classify ``uploads`` on ``model`` through the production layer (see the module).
 
-    ``routed`` is True when no version was pinned by the request, so the rollout chose it.
+    ``routed`` is True when no version was pinned by the request, so the rollout chose it;
+    ``ticket`` is the request's place in ``model``'s queue (``ServingContext.admit``).
     """
     timeout = call.headers.get("x-request-timeout")
     if timeout is None and context.cache is None and not context.registry.with_rollouts:
-        return await classify(ServedRunner(context, model), uploads, top_k)
+        return await classify(ServedRunner(context, model, ticket=ticket), uploads, top_k)
+    try:
+        return await _classify(context, call, model, uploads, top_k, routed, timeout, ticket)
+    finally:
+        if ticket is not None:
+            ticket.release()  # not queued (a hit, a fallback, an error): the place is free
+
+
+async def _classify(
+    context: ServingContext,
+    call: Call,
+    model: LoadedModel,
+    uploads: Sequence[Upload],
+    top_k: int,
+    routed: bool,
+    timeout: str | None,
+    ticket: Ticket | None,
+) -> Results:
     started = time.perf_counter()
     deadline = None if timeout is None else started + request_timeout(timeout)
     rollout = context.rollout(model.name) if context.registry.with_rollouts else None
@@ -75,7 +95,7 @@ async def classify_request(
     if breaker is not None and fallback is not None and not breaker.allow():
         return await _on_fallback(context, model, fallback, uploads, top_k, deadline, "open")
     try:
-        results = await _run(context, model, uploads, top_k, deadline)
+        results = await _run(context, model, uploads, top_k, deadline, ticket)
     except (InputError, DeadlineExceeded):
         raise  # the request's own fault, or its own deadline: not the model's
     except Overloaded:
@@ -168,8 +188,9 @@ async def _run(
     uploads: Sequence[Upload],
     top_k: int,
     deadline: float | None,
+    ticket: Ticket | None = None,
 ) -> Results:
-    runner = ServedRunner(context, model)
+    runner = ServedRunner(context, model, ticket=ticket)
     if deadline is not None:
         left = deadline - time.perf_counter()
         wait = model.batcher.estimated_wait_s(len(uploads))

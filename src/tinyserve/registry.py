@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tinyserve.batcher import BatchConfig, Batcher, BatchTiming
+from tinyserve.batcher import BatchConfig, Batcher, BatchTiming, Ticket
 from tinyserve.engine import Engine, EngineConfig, Logits
 from tinyserve.errors import ConfigError, ModelError, ModelNotFound, ModelNotReady
 from tinyserve.imaging import Pixels
@@ -74,14 +74,14 @@ class LoadedModel:
         return model
 
     async def infer_one(
-        self, pixels: Pixels, timeout_s: float | None = None
+        self, pixels: Pixels, timeout_s: float | None = None, ticket: Ticket | None = None
     ) -> tuple[Logits, BatchTiming]:
-        return await self.batcher.submit(pixels, timeout_s)
+        return await self.batcher.submit(pixels, timeout_s, ticket)
 
     async def infer_many(
-        self, images: list[Pixels], timeout_s: float | None = None
+        self, images: list[Pixels], timeout_s: float | None = None, ticket: Ticket | None = None
     ) -> list[tuple[Logits, BatchTiming]]:
-        return await self.batcher.submit_many(images, timeout_s)
+        return await self.batcher.submit_many(images, timeout_s, ticket)
 
     def describe(self) -> dict[str, Any]:
         spec = self.manifest.input

@@ -19,6 +19,7 @@ from typing import Any
 from tinyserve import __version__
 from tinyserve import openapi as schemas
 from tinyserve.asgi import Call, Reply, json_reply
+from tinyserve.batcher import Ticket
 from tinyserve.classify import Item, Results, prediction_dicts
 from tinyserve.context import ServingContext
 from tinyserve.errors import InvalidParameter, ModelNotFound, PayloadTooLarge, TinyServeError
@@ -40,24 +41,36 @@ BatchShape = Callable[[Results, float], dict[str, Any]]
 
 async def _read(
     context: ServingContext, call: Call, batch: bool
-) -> tuple[LoadedModel, Parsed, bool]:
+) -> tuple[LoadedModel, Parsed, bool, Ticket]:
+    """The model asked for, a place in its queue (taken before the body is read, so that a
+    refusal costs no more than the headers), and the parsed body."""
     version = version_param(call.query.get("version"))
     model = context.model(call.path_params.get("model"), version, call)
     call.model = model.name
-    body = await context.read_body(call)
-    content_type = call.headers.get("content-type", "")
-    parsed = parse_body(body, content_type, batch, context.config.max_batch_images)
-    return model, parsed, version is None
+    model, ticket = await context.admit(model)
+    try:
+        body = await context.read_body(call)
+        content_type = call.headers.get("content-type", "")
+        parsed = parse_body(body, content_type, batch, context.config.max_batch_images)
+    except BaseException:
+        ticket.release()
+        raise
+    return model, parsed, version is None, ticket
 
 
 async def predict(context: ServingContext, call: Call) -> Reply:
     """One image: its top-k classes and where the time went."""
     started = time.perf_counter()
-    model, parsed, routed = await _read(context, call, batch=False)
-    if len(parsed.uploads) != 1:
-        raise InvalidParameter("send exactly one image here; use /predict/batch for several")
-    top_k = context.top_k(call.query.get("top_k"), parsed.top_k, model.manifest.num_classes)
-    results = await classify_request(context, call, model, parsed.uploads, top_k, routed)
+    model, parsed, routed, ticket = await _read(context, call, batch=False)
+    try:
+        if len(parsed.uploads) != 1:
+            raise InvalidParameter("send exactly one image here; use /predict/batch for several")
+        top_k = context.top_k(call.query.get("top_k"), parsed.top_k, model.manifest.num_classes)
+        results = await classify_request(
+            context, call, model, parsed.uploads, top_k, routed, ticket
+        )
+    finally:
+        ticket.release()
     item = results.items[0]
     if item.error is not None:
         raise item.error
@@ -89,14 +102,19 @@ async def predict(context: ServingContext, call: Call) -> Reply:
 async def predict_batch(context: ServingContext, call: Call, shape: BatchShape) -> Reply:
     """Several images in one request, batched together; a bad image fails only its item."""
     started = time.perf_counter()
-    model, parsed, routed = await _read(context, call, batch=True)
-    count, limit = len(parsed.uploads), context.config.max_batch_images
-    if not count:
-        raise InvalidParameter("the batch is empty")
-    if count > limit:
-        raise PayloadTooLarge(f"{count} images in one request; the limit is {limit}")
-    top_k = context.top_k(call.query.get("top_k"), parsed.top_k, model.manifest.num_classes)
-    results = await classify_request(context, call, model, parsed.uploads, top_k, routed)
+    model, parsed, routed, ticket = await _read(context, call, batch=True)
+    try:
+        count, limit = len(parsed.uploads), context.config.max_batch_images
+        if not count:
+            raise InvalidParameter("the batch is empty")
+        if count > limit:
+            raise PayloadTooLarge(f"{count} images in one request; the limit is {limit}")
+        top_k = context.top_k(call.query.get("top_k"), parsed.top_k, model.manifest.num_classes)
+        results = await classify_request(
+            context, call, model, parsed.uploads, top_k, routed, ticket
+        )
+    finally:
+        ticket.release()
     body = shape(results, time.perf_counter() - started)
     headers = served_headers(context, results)
     if headers is not None:

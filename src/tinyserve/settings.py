@@ -250,6 +250,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_queue", int, "batching.max_queue", "Queued images per model before 503.", _BATCHING
     ),
+    Setting(
+        "max_waiting", int, "batching.max_waiting", "Requests that wait, unread, for a place "
+        "in a full queue before more are refused with 503 (before their bodies are read).",
+        _BATCHING,
+    ),
     Setting("timeout", float, "batching.timeout_s", "Per-request deadline in seconds.", _BATCHING),
     Setting(
         "inline_ms", float, "batching.inline_ms", "Run a lone request on the event loop thread "

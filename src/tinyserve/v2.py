@@ -17,8 +17,9 @@ import numpy as np
 from tinyserve import __version__
 from tinyserve import openapi as schemas
 from tinyserve.asgi import Call, Reply, json_reply
+from tinyserve.batcher import Ticket
 from tinyserve.classify import Results
-from tinyserve.context import ServingContext
+from tinyserve.context import ServedRunner, ServingContext
 from tinyserve.engine import Logits
 from tinyserve.errors import InvalidParameter, ModelNotFound, TinyServeError
 from tinyserve.production import classify_request
@@ -204,7 +205,17 @@ def _model_stats(context: ServingContext, model: LoadedModel) -> dict[str, Any]:
 
 async def infer(context: ServingContext, call: Call) -> Reply:
     started = time.perf_counter()
-    model = _model(context, call, routed=True)
+    # A place in the queue first, before the body is read (see Batcher.admit).
+    model, ticket = await context.admit(_model(context, call, routed=True))
+    try:
+        return await _infer(context, call, model, ticket, started)
+    finally:
+        ticket.release()
+
+
+async def _infer(
+    context: ServingContext, call: Call, model: LoadedModel, ticket: Ticket, started: float
+) -> Reply:
     headers = call.headers
     body = decompress(
         await context.read_body(call),
@@ -213,11 +224,11 @@ async def infer(context: ServingContext, call: Call) -> Reply:
     )
     header, binary = split_body(body, headers.get(HEADER_LENGTH))
     request = InferRequest.parse(header, binary, model, context.config.max_batch_images)
-    runner = context.runner(model)
+    runner = ServedRunner(context, model, ticket=ticket)
     if request.encoded is not None:
         uploads = [Upload(None, data) for data in request.encoded]
         routed = "version" not in call.path_params
-        results = await classify_request(context, call, model, uploads, 1, routed)
+        results = await classify_request(context, call, model, uploads, 1, routed, ticket)
         for item in results.items:
             if item.error is not None:
                 raise type(item.error)(f"BYTES element {item.index}: {item.error.message}")
