@@ -28,6 +28,7 @@ CORPUS = Path(__file__).resolve().parent / "corpus"
 sys.path.insert(0, str(CORPUS))
 import generate  # noqa: E402  (tests/corpus/generate.py: the bodies)
 
+pytestmark = pytest.mark.reliability
 CASES: list[dict[str, Any]] = tomllib.loads((CORPUS / "cases.toml").read_text())["case"]
 TOKEN = "corpus-admin-token"
 BOOT = next(SAMPLES.glob("*ankle-boot.png")).read_bytes()

@@ -33,6 +33,7 @@ from conftest import BUNDLED_MODEL
 from tinyserve.app import ROUTES, ServerConfig, create_app
 from tinyserve.openapi import describe
 
+pytestmark = pytest.mark.reliability
 TOKEN = "fuzz-admin-token"
 EXAMPLES = int(os.environ.get("TINYSERVE_FUZZ_EXAMPLES", "4"))
 LIMITS: dict[str, Any] = {"max_body_bytes": 1_000_000, "max_batch_images": 8}

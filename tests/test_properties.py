@@ -4,7 +4,7 @@ The property, for each: a correct result, or a tinyserve ``InputError`` (a clear
 another exception, in bounded time and memory per input. Valid inputs are checked against a
 reference (python-multipart for the multipart splitter) or by a round trip (the V2 codec,
 base64). ``TINYSERVE_FUZZ_EXAMPLES`` sets the examples per property (default 60; the
-reliability run uses 2,000 or more).
+reliability run sets 250, as for tests/test_fuzz.py).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from tinyserve.manifest import InputSpec
 from tinyserve.registry import LoadedModel
 from tinyserve.v2_tensors import InferRequest, Tensor, decompress, split_body
 
+pytestmark = pytest.mark.reliability
 EXAMPLES = int(os.environ.get("TINYSERVE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -410,13 +411,20 @@ def test_v2_requests_round_trip(case: tuple[bytes, bytes, str | None, Any]) -> N
             assert again.encoded == list(tensor.values.reshape(-1))
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6),
-                                                                      children, max_size=4),
-    max_leaves=20,
-)  # fmt: skip
+_SCALAR = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+)
+_JSON: st.SearchStrategy[Any] = st.deferred(
+    lambda: (
+        _SCALAR
+        | st.lists(_JSON, max_size=4)
+        | st.dictionaries(st.text(max_size=6), _JSON, max_size=4)
+    )
+)
 
 
 @st.composite
@@ -596,6 +604,7 @@ def test_every_seed_image_decodes(name: str) -> None:
     assert_decoded(decode_upload(SEEDS[name], DECODE_SPEC, LIMITS))
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # see below
 @pytest.mark.filterwarnings("ignore::UserWarning:PIL.*")  # "Corrupt EXIF data" and the like
 @FUZZ
 @given(damaged_images())
