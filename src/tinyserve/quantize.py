@@ -28,11 +28,13 @@ import numpy as np
 
 from tinyserve import __version__
 from tinyserve.engine import Engine, EngineConfig
+from tinyserve.detection import detect_all, iou_matrix, score_detections
 from tinyserve.errors import ConfigError, DatasetError, ModelError
 from tinyserve.evaluate import evaluation_set, predict_classes
 from tinyserve.imaging import Pixels
 from tinyserve.manifest import Manifest, read_manifest, write_manifest
 from tinyserve.repository import ModelRef, resolve, staged_version
+from tinyserve.scenes import load_test_frames, load_train_frames
 
 MODES = ("dynamic", "static", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -151,7 +153,8 @@ def quantize(config: QuantizeConfig, progress: bool = False) -> QuantizeResult:
     with tempfile.TemporaryDirectory(prefix="tinyserve-quantize-") as tmp:
         candidate = Path(tmp) / "model.onnx"
         method = convert(parent.path, candidate, manifest, config)
-        gate = agreement_gate(parent.path, candidate, manifest, config, progress)
+        gate_of = detection_gate if manifest.task == "detect" else agreement_gate
+        gate = gate_of(parent.path, candidate, manifest, config, progress)
         lineage = {
             "parent_version": parent.version,
             "method": method,
@@ -200,6 +203,8 @@ def convert(source: Path, target: Path, manifest: Manifest, config: QuantizeConf
         ) from exc
     graph = _name_nodes(prepared)
     keep_float = preprocessing_nodes(graph)
+    if manifest.task == "detect":  # box decoding and peak keeping stay float too
+        keep_float += postprocessing_nodes(graph)
     if config.mode == "dynamic":
         # ConvInteger on CPU takes uint8 weights only; MatMul/Gemm take either.
         quantize_dynamic(
@@ -255,6 +260,21 @@ def preprocessing_nodes(graph: Any) -> list[str]:
     return found
 
 
+def postprocessing_nodes(graph: Any) -> list[str]:
+    """Names of the nodes between the last compute nodes and the graph's outputs (a
+    detector's in-graph decoding: sigmoid, peak keeping, top-k, box arithmetic)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    found: list[str] = []
+    frontier = [o.name for o in graph.output]
+    while frontier:
+        node = producers.get(frontier.pop())
+        if node is None or node.op_type in _COMPUTE_OPS or node.name in found:
+            continue
+        found.append(node.name)
+        frontier.extend(node.input)
+    return found
+
+
 def _name_nodes(path: Path) -> Any:
     """Give every unnamed node of the model at ``path`` a name (exclusion lists need one)."""
     import onnx
@@ -273,6 +293,13 @@ def _name_nodes(path: Path) -> Any:
 
 def calibration_images(manifest: Manifest, config: QuantizeConfig) -> Pixels:
     """``calibration.samples`` random training images shaped by the model's input contract."""
+    if manifest.task == "detect":  # scene frames: --data names a 'tinyserve data scenes' folder
+        spec = manifest.input
+        frames = load_train_frames(
+            Path(config.calibration.data or config.data), spec.width, spec.height
+        )
+        pick = np.random.default_rng(config.calibration.seed).permutation(len(frames.images))
+        return np.ascontiguousarray(frames.images[np.sort(pick[: config.calibration.samples])])
     train = evaluation_set(
         manifest, config.calibration.data or config.data, config.data_dir, split="train"
     )
@@ -338,6 +365,49 @@ def agreement_gate(
     )
 
 
+def detection_gate(
+    parent: Path, candidate: Path, manifest: Manifest, config: QuantizeConfig, progress: bool
+) -> GateResult:
+    """mAP@0.5 of ``candidate`` against ``parent`` on the scene test videos (``--data``).
+
+    ``accuracy`` is mAP@0.5 and ``agreement`` the share of the parent's confident detections
+    (score >= 0.3) that the candidate also finds (IoU >= 0.5).
+    """
+    del progress
+    spec = manifest.input
+    test = load_test_frames(Path(config.data), spec.width, spec.height, every=3)
+    found = [
+        detect_all(
+            Engine(p, EngineConfig(warmup_runs=0)).infer, test.images, test.width, test.height
+        )
+        for p in (parent, candidate)
+    ]
+    (parent_map, candidate_map) = (
+        score_detections(f, test.boxes, test.ignored)["map50"] for f in found
+    )
+    kept = matched = 0
+    for ours, theirs in zip(*found, strict=True):
+        confident = ours.boxes[ours.scores >= 0.3]
+        kept += len(confident)
+        if len(confident):
+            matched += int(
+                (
+                    iou_matrix(confident, theirs.boxes[theirs.scores >= 0.1]).max(axis=1, initial=0)
+                    >= 0.5
+                ).sum()
+            )
+    return GateResult(
+        dataset=f"{config.data} test videos (mAP@0.5)",
+        samples=len(test.images),
+        parent_accuracy=parent_map,
+        accuracy=candidate_map,
+        accuracy_delta_pt=round((candidate_map - parent_map) * 100, 4),
+        agreement=round(matched / max(kept, 1), 6),
+        max_accuracy_drop=config.bar.max_accuracy_drop,
+        min_agreement=config.bar.min_agreement,
+    )
+
+
 def _versioned_model(
     candidate: Path, manifest: Manifest, parent: ModelRef, lineage: dict[str, Any]
 ) -> Any:
@@ -347,7 +417,9 @@ def _versioned_model(
     model = onnx.load(str(candidate))
     source = {k: v for k, v in manifest.source.items() if k != "parity"}
     source.update(parent_version=parent.version, optimization=lineage)
-    write_manifest(model, Manifest(manifest.labels, manifest.input, source))
+    write_manifest(
+        model, Manifest(manifest.labels, manifest.input, source, manifest.task, manifest.outputs)
+    )
     return model
 
 

@@ -1,8 +1,8 @@
 """The ``tinyserve`` command line: thin subcommands over the library, one module per family.
 
 ``train`` (train, export, prune, distill, import), ``models`` (evaluate, quantize, predict),
-``serve``, ``bench``, ``keys`` (API keys), ``pull`` (S3 into a folder) and ``monitor`` (a live
-view of servers).
+``serve``, ``bench``, ``keys`` (API keys), ``pull`` (S3 into a folder), ``monitor`` (a live
+view of servers), and ``video`` (video, data scenes, bench video).
 Heavy imports (torch, onnxruntime, uvicorn) happen inside each command, so ``--help`` is fast
 and ``serve`` never imports torch.
 """
@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from tinyserve import __version__
-from tinyserve.cli import bench, keys, models, monitor, pull, serve, train
+from tinyserve.cli import bench, keys, models, monitor, pull, serve, train, video
 from tinyserve.errors import TinyServeError
 
 app = typer.Typer(
@@ -52,6 +52,9 @@ app.command()(train.distill)
 app.command("import")(train.import_model)
 app.command()(pull.pull)
 app.command()(monitor.monitor)
+app.command()(video.video)
+app.add_typer(video.data_app)
+bench.app.command("video")(video.bench_video)
 app.add_typer(bench.app)
 app.add_typer(keys.app)
 

@@ -41,8 +41,33 @@ def train(
     ] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    task: Annotated[
+        str,
+        typer.Option(help="classify, or detect (--data: a 'tinyserve data scenes' folder)."),
+    ] = "classify",
+    time_limit: Annotated[
+        float | None, typer.Option(help="Detector training: stop after this many seconds.")
+    ] = None,
 ) -> None:
-    """Train a classifier; writes best.pt, last.pt, history.json and curves.png to OUT."""
+    """Train a classifier (or a detector); writes best.pt, history.json (and more) to OUT."""
+    if task == "detect":
+        from tinyserve.training.detect import DetectTrainConfig, fit_detector
+
+        detect_config = build_config(
+            DetectTrainConfig,
+            out=out,
+            data=Path(data),
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            threads=threads,
+            time_limit_s=time_limit,
+        )
+        result_d = fit_detector(detect_config, typer.echo if progress else (lambda _: None))
+        typer.echo(f"best validation mAP@0.5 {result_d.best_map50:.4f}; {result_d.best_path}")
+        return
+    if task != "classify":
+        raise ConfigError(f"--task must be classify or detect, got {task!r}")
     from tinyserve.training.train import TrainConfig, fit
 
     config = build_config(
@@ -158,12 +183,35 @@ def export(
     resize: ResizeOption = "stretch",
     crop_fraction: CropFractionOption = 1.0,
     images: ImagesOption = None,
+    scenes: Annotated[
+        Path | None,
+        typer.Option(help="Detector checkpoints: scene frames for the parity check."),
+    ] = None,
 ) -> None:
     """Export a checkpoint to REPO/NAME/VERSION/model.onnx with in-graph preprocessing.
 
     A bare state_dict (weights only) needs --arch, --labels or --num-classes, --size,
-    --mean and --std; its parity check runs on --images and smooth random images.
+    --mean and --std; its parity check runs on --images and smooth random images. A
+    detector checkpoint exports at --size (default 240x320) with box decoding in the graph.
     """
+    if scenes is not None:
+        from tinyserve.training.detect_export import DetectExportConfig, export_detector
+
+        height, width = _size(size or "240x320")
+        path, report = export_detector(
+            build_config(
+                DetectExportConfig,
+                checkpoint=checkpoint,
+                name=name,
+                data=scenes,
+                width=width,
+                height=height,
+                repo=repo,
+                version=version,
+            )
+        )
+        typer.echo(f"wrote {path} ({report['bytes'] / 1e6:.2f} MB); parity {report['parity']}")
+        return
     from tinyserve.training.export import ExportConfig, ParityBar, export_checkpoint
 
     config = ExportConfig(

@@ -1,0 +1,199 @@
+"""Tracks of one stream: ByteTrack (from the ``trackers`` library) plus per-track labels.
+
+The tracker is a maintained library's ByteTrack; this module only keeps what tinyserve adds
+on top: for each confirmed track, a running vote over the classifier's answers for its
+crops, and the schedule of when to ask again. A track is classified when it is confirmed,
+then every ``reclassify_every`` frames, or sooner while its vote is unsure (below
+``min_confidence``), never twice at once, and not while its box is half covered by another
+one (a crop of two objects teaches the vote nothing). So the classifier sees a few crops
+per track rather than every box of every frame.
+
+Events: ``appear`` (a track is confirmed), ``classified`` (its vote changed or firmed up),
+``left`` (the tracker dropped it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from tinyserve.detection import Detections, iou_matrix
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """ByteTrack's thresholds and the classification schedule."""
+
+    activation: float = 0.5  # detections above this may start a track
+    high: float = 0.5  # ByteTrack's first-stage (high confidence) threshold
+    min_iou: float = 0.2
+    lost_frames: int = 30  # how long an unseen track is kept
+    confirm_frames: int = 2  # consecutive matches before a track gets an id
+    reclassify_every: int = 15
+    min_confidence: float = 0.8  # below this, the vote asks again (at most every 3 frames)
+    max_occlusion: float = 0.3  # IoU with another box above which a crop is skipped
+
+    def __post_init__(self) -> None:
+        if self.reclassify_every < 1 or self.confirm_frames < 1 or self.lost_frames < 1:
+            raise ValueError("reclassify_every, confirm_frames and lost_frames must be >= 1")
+
+
+@dataclass
+class TrackState:
+    """What tinyserve knows of one confirmed track."""
+
+    id: int
+    first_frame: int
+    last_frame: int
+    box: npt.NDArray[np.float32]
+    score: float
+    votes: npt.NDArray[np.float64] | None = None  # summed class probabilities
+    crops: int = 0
+    last_asked: int = -(10**9)
+    in_flight: bool = False
+    label_id: int = -1
+
+    @property
+    def confidence(self) -> float:
+        if self.votes is None or self.votes.sum() <= 0:
+            return 0.0
+        return float(self.votes.max() / self.votes.sum())
+
+    def vote(self, probabilities: npt.NDArray[np.float32]) -> bool:
+        """Add one crop's class probabilities; whether the voted label changed."""
+        before = self.label_id
+        self.votes = probabilities.astype(np.float64) + (0.0 if self.votes is None else self.votes)
+        self.crops += 1
+        self.label_id = int(np.argmax(self.votes))
+        return self.label_id != before
+
+
+@dataclass
+class TrackBook:
+    """ByteTrack and the per-track states of one stream."""
+
+    config: TrackConfig = field(default_factory=TrackConfig)
+    fps: float = 30.0
+    tracks: dict[int, TrackState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from trackers import ByteTrackTracker
+
+        self._tracker = ByteTrackTracker(
+            lost_track_buffer=self.config.lost_frames,
+            frame_rate=self.fps,
+            track_activation_threshold=self.config.activation,
+            minimum_consecutive_frames=self.config.confirm_frames,
+            minimum_iou_threshold=self.config.min_iou,
+            high_conf_det_threshold=self.config.high,
+        )
+
+    def update(
+        self, frame: int, detections: Detections
+    ) -> tuple[list[TrackState], list[TrackState], list[TrackState]]:
+        """Feed one frame's detections: (tracks seen in it, tracks confirmed, tracks gone)."""
+        import supervision as sv
+
+        result = self._tracker.update(
+            sv.Detections(
+                xyxy=detections.boxes.astype(np.float32).reshape(-1, 4),
+                confidence=detections.scores.astype(np.float32),
+                class_id=detections.classes.astype(int),
+            )
+        )
+        seen, appeared = [], []
+        ids = np.asarray(result.tracker_id, dtype=int)
+        confidence = (
+            np.ones(len(ids)) if result.confidence is None else np.asarray(result.confidence)
+        )
+        for i in np.flatnonzero(ids >= 0):
+            track_id = int(ids[i]) + 1  # MOTChallenge ids count from 1; ByteTrack's from 0
+            box = np.asarray(result.xyxy[i], dtype=np.float32)
+            state = self.tracks.get(track_id)
+            if state is None:
+                state = TrackState(track_id, frame, frame, box, float(confidence[i]))
+                self.tracks[track_id] = state
+                appeared.append(state)
+            state.last_frame, state.box, state.score = frame, box, float(confidence[i])
+            seen.append(state)
+        alive = {int(t.tracker_id) + 1 for t in self._tracker.tracks if int(t.tracker_id) >= 0}
+        gone = [self.tracks.pop(i) for i in sorted(set(self.tracks) - alive)]
+        return seen, appeared, gone
+
+    def to_classify(self, frame: int, seen: Sequence[TrackState]) -> list[TrackState]:
+        """The tracks seen in ``frame`` whose crop should go to the classifier now."""
+        chosen = []
+        boxes = np.stack([t.box for t in seen]) if seen else np.zeros((0, 4), np.float32)
+        overlaps = iou_matrix(boxes, boxes)
+        np.fill_diagonal(overlaps, 0.0)
+        for i, track in enumerate(seen):
+            if track.in_flight:
+                continue
+            since = frame - track.last_asked
+            due = (
+                track.crops == 0
+                or since >= self.config.reclassify_every
+                or (track.confidence < self.config.min_confidence and since >= 3)
+            )
+            if not due:
+                continue
+            if len(seen) > 1 and overlaps[i].max() > self.config.max_occlusion:
+                continue
+            track.last_asked = frame
+            track.in_flight = True
+            chosen.append(track)
+        return chosen
+
+    def close(self) -> list[TrackState]:
+        """Every remaining track, as gone (end of stream)."""
+        gone = list(self.tracks.values())
+        self.tracks.clear()
+        return gone
+
+
+def crop_square(
+    luma: npt.NDArray[np.uint8], box: npt.NDArray[np.float32], size: tuple[int, int]
+) -> npt.NDArray[np.uint8]:
+    """The square around ``box`` (side = its longer side), padded with black, at ``size``."""
+    from PIL import Image
+
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1, 2.0)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+    s = int(round(side))
+    canvas = np.zeros((s, s), dtype=np.uint8)
+    h, w = luma.shape
+    sx1, sy1, sx2, sy2 = max(left, 0), max(top, 0), min(left + s, w), min(top + s, h)
+    if sx2 > sx1 and sy2 > sy1:
+        canvas[sy1 - top : sy2 - top, sx1 - left : sx2 - left] = luma[sy1:sy2, sx1:sx2]
+    resized = Image.fromarray(canvas).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def event(
+    kind: str, stream: str, frame: int, track: TrackState, labels: Sequence[str]
+) -> dict[str, Any]:
+    """One event as a JSON-ready dict."""
+    x1, y1, x2, y2 = (round(float(v), 1) for v in track.box)
+    record: dict[str, Any] = {
+        "type": kind,
+        "stream": stream,
+        "frame": frame,
+        "track": track.id,
+        "box": [x1, y1, x2, y2],
+    }
+    if track.label_id >= 0:
+        record.update(
+            label=labels[track.label_id] if track.label_id < len(labels) else str(track.label_id),
+            class_id=track.label_id,
+            confidence=round(track.confidence, 4),
+            crops=track.crops,
+        )
+    if kind == "left":
+        record["frames"] = track.last_frame - track.first_frame + 1
+    return record
