@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("av")
 pytest.importorskip("trackers")
 
+from tinyserve.datasets import load_fashion_mnist  # noqa: E402
 from tinyserve.detection import Detections, iou_matrix  # noqa: E402
 from tinyserve.errors import InvalidParameter  # noqa: E402
 from tinyserve.manifest import InputSpec  # noqa: E402
@@ -26,7 +27,6 @@ from tinyserve.scenes import (  # noqa: E402
     new_scene,
     read_gt,
 )
-from tinyserve.datasets import load_fashion_mnist  # noqa: E402
 from tinyserve.selection import Candidate, Selector, choose, measure  # noqa: E402
 from tinyserve.tracking import TrackBook, TrackConfig  # noqa: E402
 from tinyserve.video_output import mot_lines  # noqa: E402
@@ -43,8 +43,16 @@ SMALL = SceneConfig(width=192, height=144, min_objects=2, max_objects=3, min_siz
 @pytest.fixture(scope="session")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("scenes")
-    generate(GenerateConfig(out, SMALL, train_sequences=2, train_frames_per_sequence=3,
-                            test_sequences=2, test_frames=60))  # fmt: skip
+    generate(
+        GenerateConfig(
+            out,
+            SMALL,
+            train_sequences=2,
+            train_frames_per_sequence=3,
+            test_sequences=2,
+            test_frames=60,
+        )
+    )
     return out
 
 
@@ -229,9 +237,19 @@ def test_sources_are_confined(tmp_path: Path) -> None:
     policy = SourcePolicy(root=root, allow=("rtsp://cams.example/", "/dev/video0"))
     assert policy.check("ok.mp4")[0] == str(root / "ok.mp4")
     assert policy.check("rtsp://cams.example/door")[1]["protocol_whitelist"].startswith("http")
-    refused = ["../secret.mp4", str(tmp_path / "secret.mp4"), "link.mp4", "/etc/passwd",
-               "file:///etc/passwd", "http://elsewhere.example/x.mp4", "concat:/etc/passwd|x",
-               "/dev/video1", "subfile,,start,0,end,0,,:/etc/passwd", "", "gopher://x/y"]  # fmt: skip
+    refused = [
+        "../secret.mp4",
+        str(tmp_path / "secret.mp4"),
+        "link.mp4",
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "http://elsewhere.example/x.mp4",
+        "concat:/etc/passwd|x",
+        "/dev/video1",
+        "subfile,,start,0,end,0,,:/etc/passwd",
+        "",
+        "gopher://x/y",
+    ]
     for source in refused:
         with pytest.raises(InvalidParameter):
             policy.check(source)
@@ -275,8 +293,12 @@ def test_choose_most_accurate_that_fits_the_budget() -> None:
 
 def test_selector_steps_down_when_frames_drop() -> None:
     changes: list[str] = []
-    selector = Selector([_candidate(1, 0.004, 0.97), _candidate(2, 0.001, 0.95, 256)], 1, 30,
-                        on_change=lambda c, r: changes.append(r))  # fmt: skip
+    selector = Selector(
+        [_candidate(1, 0.004, 0.97), _candidate(2, 0.001, 0.95, 256)],
+        1,
+        30,
+        on_change=lambda c, r: changes.append(r),
+    )
     assert selector.current().version == 1
     assert not selector.observe(100, 0)
     assert selector.observe(200, 10)  # 10 of 110 frames dropped

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from tinyserve import __version__
-from tinyserve.engine import Engine, EngineConfig
 from tinyserve.detection import detect_all, iou_matrix, score_detections
+from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import ConfigError, DatasetError, ModelError
 from tinyserve.evaluate import evaluation_set, predict_classes
 from tinyserve.imaging import Pixels
