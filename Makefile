@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: help install lock data run test lint typecheck pytest format bench bench-compare clean \
-	ui-screenshots
+	ui-screenshots reliability reliability-quick
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -63,6 +63,12 @@ bench: bench-compare  ## every performance check of benchmarks/RESULTS.md (about
 	$(BIN)/python benchmarks/large_photo_decode.py --runs 15 | tee runs/bench/large-photo.md
 	$(BIN)/tinyserve bench model models/fashion-cnn --batch-sizes 1,8,32,256 --threads 1,2 \
 		--json > runs/bench/engine-fashion-cnn.json
+
+reliability: install  ## soak, overload, faults, fuzzing: the table of RESULTS.md (about 25 minutes)
+	$(BIN)/python benchmarks/reliability.py --out runs/reliability
+
+reliability-quick: install  ## the same, reduced (about 5 minutes)
+	$(BIN)/python benchmarks/reliability.py --quick --out runs/reliability
 
 ui-screenshots: install  ## every view of the web page, desktop and phone width, in runs/ui/
 	$(BIN)/python scripts/ui_screenshots.py --out runs/ui
