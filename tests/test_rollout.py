@@ -352,3 +352,49 @@ def test_a_real_server_splits_traffic_and_rolls_a_failing_canary_back(
     assert statuses == Counter({200: 200})
     assert info["state"] == "rolled_back" and info["weights"] == {"1": 100.0}
     assert "rollout of fashion-cnn version 3: rollback" in server.output()  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_a_real_server_splits_sticks_shadows_and_falls_back(
+    serve: Callable[..., object], tmp_path: Path
+) -> None:
+    split = repo_with(tmp_path / "split", 'traffic = {1 = 80, 2 = 20}\nsticky = "x-user"\n'
+                      "shadow = 1\n")  # fmt: skip
+    server = serve(repo=split)
+    url = server.url  # type: ignore[attr-defined]
+    answered: Counter[int] = Counter()
+    with httpx.Client(timeout=10) as client:
+        for _ in range(2000):
+            response = client.post(f"{url}/predict", content=IMAGE, headers=PNG)
+            assert response.status_code == 200
+            answered[response.json()["version"]] += 1
+        assert abs(answered[2] / 2000 - 0.20) <= 0.03, answered
+        for user in ("ann", "ben"):
+            seen = {
+                client.post(
+                    f"{url}/predict", content=IMAGE, headers={**PNG, "x-user": user}
+                ).json()["version"]
+                for _ in range(10)
+            }
+            assert len(seen) == 1
+        info = client.get(f"{url}/v1/models/fashion-cnn").json()["rollout"]
+        assert sum(info["shadow_results"].values()) > 0  # version 2's answers, mirrored to 1
+        metrics = client.get(f"{url}/metrics").text
+        assert (
+            'tinyserve_shadow_requests_total{model="fashion-cnn",outcome="agree",version="1"}'
+            in metrics
+        )
+
+    broken = repo_with(tmp_path / "broken", 'version = 3\nfallback = "fashion-cnn:2"\n'
+                       "[breaker]\nfailures = 2\nopen_s = 60\n", {3: "failing"})  # fmt: skip
+    server = serve(repo=broken)
+    url = server.url  # type: ignore[attr-defined]
+    with httpx.Client(timeout=10) as client:
+        reasons = []
+        for _ in range(4):
+            response = client.post(f"{url}/predict", content=IMAGE, headers=PNG)
+            assert response.status_code == 200 and response.json()["version"] == 2
+            assert response.headers["x-tinyserve-fallback"].startswith("fashion-cnn:3")
+            reasons.append(response.json()["fallback"]["reason"])
+        assert reasons == ["failed", "failed", "open", "open"]
+        assert client.get(f"{url}/v1/models/fashion-cnn").json()["rollout"]["breaker"] == "open"
