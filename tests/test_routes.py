@@ -23,7 +23,7 @@ from tinyserve.settings import ServerConfig
 TOKEN = "route-table-token"
 BOOT = next(SAMPLES.glob("*ankle-boot.png")).read_bytes()
 # What a path parameter is filled with when the test calls a documented route.
-PARAMS = {"model": "fashion-cnn", "version": "2", "name": "swagger-ui.css"}
+PARAMS = {"model": "fashion-cnn", "version": "2", "name": "swagger-ui.css", "stream": "none"}
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from tinyserve.rest import REST_ROUTES
 from tinyserve.routes import Dispatch, Guard, Route
 from tinyserve.settings import ServerConfig
 from tinyserve.v2 import V2_ROUTES
+from tinyserve.video_routes import VIDEO_ROUTES
 from tinyserve.webpage import WEB_ROUTES
 
 __all__ = ["ROUTES", "App", "ServerConfig", "create_app"]
@@ -70,6 +71,7 @@ _DOCS: dict[str, Any] = {"tag": "docs", "response_type": "text/html"}
 ROUTES: tuple[Route, ...] = (
     *REST_ROUTES,
     *V2_ROUTES,
+    *VIDEO_ROUTES,
     Route("GET", "/openapi.json", openapi_json, "This description", "docs"),
     Route("GET", "/docs", swagger_page, "Swagger UI", **_DOCS),
     Route("GET", "/redoc", redoc_page, "ReDoc", **_DOCS),

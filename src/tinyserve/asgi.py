@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -93,6 +93,9 @@ class Reply:
     body: bytes = b""
     headers: list[tuple[bytes, bytes]] | None = None
     content_type: bytes = b"application/json"
+    # A body sent as it is produced (Server-Sent Events, MJPEG) instead of ``body``; it ends
+    # when the iterator does or the client goes.
+    stream: AsyncIterator[bytes] | None = None
 
 
 def json_reply(data: Any, status: int = 200,
@@ -137,6 +140,47 @@ async def send_response(
         head += headers
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_stream(send: Send, receive: Receive, reply: Reply) -> None:
+    """Send ``reply.stream`` chunk by chunk until it ends or the client disconnects."""
+    import asyncio
+
+    assert reply.stream is not None
+    head = [(b"content-type", reply.content_type), (b"cache-control", b"no-store")]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": reply.status,
+            "headers": head + (reply.headers or []),
+        }
+    )
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    chunks = reply.stream
+    try:
+        while not watcher.done():
+            step = asyncio.ensure_future(anext(chunks))
+            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                break
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if not watcher.done():
+            await send({"type": "http.response.body", "body": b""})
+    finally:
+        watcher.cancel()
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def log_access(method: str, path: str, status: int, seconds: float, client: str | None) -> None:

@@ -160,6 +160,14 @@ class ModelRegistry:
             return next(iter(self._models))
         if not self._models:
             raise ModelNotReady("no model is loaded")
+        # A classifier beside detectors: the seed routes (/predict, /infer) classify.
+        classifiers = [
+            name
+            for name, entry in self._models.items()
+            if entry.versions[entry.default].manifest.task == "classify"
+        ]
+        if len(classifiers) == 1:
+            return classifiers[0]
         raise ModelNotFound(
             f"several models are served ({', '.join(self.names)}); name one in the path "
             "(/v1/models/NAME/predict) or start the server with --default-model"

@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tinyserve import tracing
-from tinyserve.asgi import Call, ClientGone, Receive, Reply, Scope, Send, log_access, send_response
+from tinyserve.asgi import (
+    Call,
+    ClientGone,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    log_access,
+    send_response,
+    send_stream,
+)
 from tinyserve.context import ServingContext
 from tinyserve.http_errors import Shape
 
@@ -90,7 +100,10 @@ class Guard:
         except Exception as exc:  # the one error map; a bug answers 500 and is logged
             error = context.fail(exc, route.path, route.errors)
             reply = Reply(error.status, error.body, error.headers)
-        await send_response(send, reply.status, reply.body, reply.headers, reply.content_type)
+        if reply.stream is not None:
+            await send_stream(send, receive, reply)
+        else:
+            await send_response(send, reply.status, reply.body, reply.headers, reply.content_type)
         if trace is not None:
             trace.end(reply.status)
         seconds = time.perf_counter() - started

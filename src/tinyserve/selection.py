@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyserve.manifest import Manifest
 from tinyserve.video_pipeline import DetectorHandle
 from tinyserve.video_sources import Pixels
 
@@ -44,6 +45,28 @@ class Candidate:
             "map50": None if math.isnan(self.handle.accuracy) else self.handle.accuracy,
             "ms_per_frame": round(self.cost_s * 1000, 3),
         }
+
+
+def accuracy_of(manifest: Manifest) -> float:
+    """A detector's mAP@0.5 as its manifest records it, on one scale for every candidate.
+
+    An export records its mAP@0.5 at its own input size (``map50``); a quantized version
+    keeps its parent's and adds the change its quantize gate measured.
+    """
+    value = manifest.source.get("map50", manifest.source.get("val_map50"))
+    if value is None:
+        return float("nan")
+    optimization = manifest.source.get("optimization")
+    if isinstance(optimization, dict) and isinstance(optimization.get("gate"), dict):
+        return float(value) + float(optimization["gate"].get("accuracy_delta_pt", 0.0)) / 100
+    return float(value)
+
+
+def precision_of(manifest: Manifest) -> str:
+    optimization = manifest.source.get("optimization")
+    if isinstance(optimization, dict) and optimization.get("mode"):
+        return "fp16" if optimization["mode"] == "fp16" else "int8"
+    return "fp32"
 
 
 def measure(infer: InferFn, shape: tuple[int, int, int], batch: int = 8, runs: int = 5) -> float:

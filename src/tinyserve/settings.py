@@ -61,6 +61,11 @@ class ServerConfig:
     admin_token: str | None = None
     api_keys: Path | None = None  # the key file (tinyserve.auth); None: no API keys
     cors_origins: tuple[str, ...] = ()
+    # Video streams (POST /v1/streams, admin token): files only under stream_dir, URLs and
+    # devices only when an allow-list prefix names them.
+    stream_dir: Path | None = None
+    stream_allow: tuple[str, ...] = ()
+    max_streams: int = 16
     rate_limit: float = 0.0
     drain_timeout_s: float = 10.0
     access_log: bool = False
@@ -297,6 +302,16 @@ SETTINGS: tuple[Setting, ...] = (
         "allow_anonymous", bool, "run.allow_anonymous", "Serve a non-loopback --host without "
         "API keys, and without the warning that this is open to anyone.", _HTTP,
     ),
+    Setting(
+        "stream_dir", Path, "stream_dir", "Folder whose videos POST /v1/streams may open.",
+        "Video", shown_default="no file streams",
+    ),
+    Setting(
+        "stream_allow", str, "stream_allow", "URL prefix (rtsp://, http(s)://) or device a "
+        "stream may open (repeat, or comma-separate).", "Video", many=True,
+        shown_default="none",
+    ),
+    Setting("max_streams", int, "max_streams", "Most video streams at once.", "Video"),
     Setting(
         "cors_origin", str, "cors_origins", "Allow browser calls from this origin (repeat, or "
         "comma-separate; '*' for any).", _HTTP, many=True, shown_default="no CORS",

@@ -182,9 +182,14 @@ class StreamPipeline:
                 handle = self.detectors.for_size(w, h)
                 task = asyncio.ensure_future(handle.detect(frame.pixels))
                 await in_flight.put((frame, handle, task))
+        except asyncio.CancelledError:  # the server is stopping: end the decoder too
+            self.decoder.stop()
+            consumer.cancel()
+            raise
         finally:
-            await in_flight.put(None)
-            await consumer
+            if not consumer.cancelled():
+                await in_flight.put(None)
+                await consumer
             self.decoder.stop()
             await loop.run_in_executor(None, self.decoder.join, 5.0)
             if self._crop_tasks:

@@ -21,9 +21,8 @@ import numpy.typing as npt
 from tinyserve.batcher import BatchConfig, Batcher
 from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import ConfigError
-from tinyserve.manifest import Manifest
 from tinyserve.repository import model_files
-from tinyserve.selection import Candidate, Selector, measure
+from tinyserve.selection import Candidate, Selector, accuracy_of, measure, precision_of
 from tinyserve.tracking import TrackConfig, TrackState
 from tinyserve.video_output import EventWriter, MotWriter, VideoWriter, annotate
 from tinyserve.video_pipeline import (
@@ -80,26 +79,6 @@ def model_versions(repo: Path, target: str) -> dict[int, Path]:
     if not files:
         raise ConfigError(f"{folder} holds no model versions")
     return files
-
-
-def accuracy_of(manifest: Manifest) -> float:
-    """The mAP@0.5 a detector's manifest records: its quantize gate's, else its export's."""
-    optimization = manifest.source.get("optimization")
-    if isinstance(optimization, dict):
-        gate = optimization.get("gate", {})
-        if isinstance(gate, dict) and gate.get("accuracy") is not None:
-            return float(gate["accuracy"])
-    for key in ("map50", "val_map50"):
-        if manifest.source.get(key) is not None:
-            return float(manifest.source[key])
-    return float("nan")
-
-
-def precision_of(manifest: Manifest) -> str:
-    optimization = manifest.source.get("optimization")
-    if isinstance(optimization, dict) and optimization.get("mode"):
-        return "fp16" if optimization["mode"] == "fp16" else "int8"
-    return "fp32"
 
 
 def load_detectors(

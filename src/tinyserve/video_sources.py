@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tinyserve.errors import ConfigError, InvalidParameter, TinyServeError
+from tinyserve.errors import ConfigError, Forbidden, InvalidParameter, TinyServeError
 
 Pixels = npt.NDArray[np.uint8]
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https")
@@ -70,22 +70,22 @@ class SourcePolicy:
                     f"stream URLs must use one of {', '.join(NETWORK_SCHEMES)}; got {scheme}://"
                 )
             if self.confined and not any(source.startswith(p) for p in self.allow if "://" in p):
-                raise InvalidParameter(
-                    f"{source} is not in the stream URL allow-list (--stream-allow)"
-                )
+                raise Forbidden(f"{source} is not in the stream URL allow-list (--stream-allow)")
             return source, {"protocol_whitelist": NETWORK_PROTOCOLS}, None
         if source.startswith("/dev/"):
             if self.confined and source not in self.allow:
-                raise InvalidParameter(f"device {source} is not in the stream allow-list")
+                raise Forbidden(f"device {source} is not in the stream allow-list")
             return source, {}, "v4l2"
         path = Path(source)
         if self.confined:
             if self.root is None:
-                raise InvalidParameter("file streams are off: no stream directory is configured")
+                raise Forbidden(
+                    "file streams are off: no stream directory is configured (--stream-dir)"
+                )
             root = self.root.resolve()
             resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
             if not resolved.is_relative_to(root):
-                raise InvalidParameter(f"{source} is outside the stream directory")
+                raise Forbidden(f"{source} is outside the stream directory")
             path = resolved
         if path.is_dir():
             images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

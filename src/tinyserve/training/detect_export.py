@@ -25,7 +25,7 @@ import numpy.typing as npt
 import torch
 
 from tinyserve import __version__
-from tinyserve.detection import DETECTIONS_LAYOUT
+from tinyserve.detection import DETECTIONS_LAYOUT, detect_all, score_detections
 from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import ModelError
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
@@ -52,6 +52,7 @@ class DetectExportConfig:
     version: int | None = None
     max_detections: int = 100
     parity_frames: int = 64
+    val_frames: int = 200  # the training run's validation frames come first
     parity_tolerance: float = 1e-4
     opset: int = 17
 
@@ -114,7 +115,14 @@ def export_detector(config: DetectExportConfig) -> tuple[Path, dict[str, Any]]:
         candidate = Path(tmp) / "model.onnx"
         onnx.save(onnx_model, str(candidate))
         parity = check_parity(model, candidate, frames, config.parity_tolerance)
-    write_manifest(onnx_model, manifest.with_source(parity=parity))
+        engine = Engine(candidate, EngineConfig(warmup_runs=0))
+        held_out = load_scene_frames(
+            config.data, config.width, config.height, limit=config.val_frames
+        )
+        found = detect_all(engine.infer, held_out.images, config.width, config.height)
+        accuracy = score_detections(found, held_out.boxes, held_out.ignored)
+    # mAP@0.5 at this input size on the frames the training run held out for validation
+    write_manifest(onnx_model, manifest.with_source(parity=parity, **accuracy))
     saved = save_version(config.repo / config.name, onnx_model, config.version)
     report = {
         "model": config.name,
@@ -123,6 +131,7 @@ def export_detector(config: DetectExportConfig) -> tuple[Path, dict[str, Any]]:
         "bytes": saved.path.stat().st_size,
         "input": [config.height, config.width],
         "parity": parity,
+        **accuracy,
         "seconds": round(time.perf_counter() - started, 2),
     }
     (saved.path.parent / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
