@@ -164,7 +164,7 @@ class RedisCache:
         self,
         url: str,
         ttl_s: float = 3600.0,
-        timeout_s: float = 0.05,
+        timeout_s: float = 0.1,
         retry_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
