@@ -206,7 +206,9 @@ def test_tracks_are_classified_on_confirmation_not_every_box(scenes: Path) -> No
     classified = [e for e in events if e["type"] == "classified"]
     left = [e for e in events if e["type"] == "left"]
     assert appeared and len(left) == len(appeared)
-    assert {e["track"] for e in classified} == {e["track"] for e in appeared}
+    classified_tracks = {e["track"] for e in classified}
+    assert classified_tracks <= {e["track"] for e in appeared}
+    assert len(classified_tracks) >= len(appeared) / 2  # the others stayed cut or covered
     assert all(e["label"] == "e" and e["class_id"] == 4 for e in classified)
     # A few crops per track, far fewer than the boxes seen.
     assert 0 < sum(calls) < stats.detections / 3
@@ -323,3 +325,14 @@ def test_detector_output_boxes_are_in_source_pixels() -> None:
     d = from_output(rows, 640, 480, 0.1)
     assert len(d) == 1 and d.boxes[0].tolist() == [320, 120, 480, 240]
     assert iou_matrix(d.boxes, d.boxes)[0, 0] == pytest.approx(1.0)
+
+
+def test_crops_wait_while_a_box_is_cut_by_the_edge_or_covered() -> None:
+    book = TrackBook(TrackConfig(confirm_frames=2))
+    boxes = [[0, 50, 30, 80], [100, 50, 140, 90], [130, 60, 170, 100], [60, 10, 90, 40]]
+    book.update(1, _dets(boxes))
+    seen, _, _ = book.update(2, _dets(boxes))
+    assert len(seen) == 4
+    chosen = {tuple(int(v) for v in t.box) for t in book.to_classify(2, seen, 192, 144)}
+    assert chosen == {(60, 10, 90, 40)}  # at the edge: no; overlapping each other: no
+    assert book.to_classify(2, seen, 192, 144) == []  # asked already, answer pending

@@ -47,6 +47,10 @@ async def _read(
     version = version_param(call.query.get("version"))
     model = context.model(call.path_params.get("model"), version, call)
     call.model = model.name
+    if model.manifest.task != "classify":
+        raise InvalidParameter(
+            f"{model.name} is a {model.manifest.task} model; use /v1/models/{model.name}/detect"
+        )
     model, ticket = await context.admit(model)
     try:
         body = await context.read_body(call)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tinyserve.detection import Detections, iou_matrix
+from tinyserve.detection import Detections
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TrackConfig:
     confirm_frames: int = 2  # consecutive matches before a track gets an id
     reclassify_every: int = 15
     min_confidence: float = 0.8  # below this, the vote asks again (at most every 3 frames)
-    max_occlusion: float = 0.3  # IoU with another box above which a crop is skipped
+    max_occlusion: float = 0.05  # share of the box another box may cover for a crop
 
     def __post_init__(self) -> None:
         if self.reclassify_every < 1 or self.confirm_frames < 1 or self.lost_frames < 1:
@@ -124,12 +124,17 @@ class TrackBook:
         gone = [self.tracks.pop(i) for i in sorted(set(self.tracks) - alive)]
         return seen, appeared, gone
 
-    def to_classify(self, frame: int, seen: Sequence[TrackState]) -> list[TrackState]:
-        """The tracks seen in ``frame`` whose crop should go to the classifier now."""
+    def to_classify(
+        self, frame: int, seen: Sequence[TrackState], width: int = 0, height: int = 0
+    ) -> list[TrackState]:
+        """The tracks seen in ``frame`` whose crop should go to the classifier now.
+
+        A track waits while its box is cut by the frame's edge (``width`` x ``height``) or
+        partly covered by another box: such a crop would teach its vote the wrong class.
+        """
         chosen = []
         boxes = np.stack([t.box for t in seen]) if seen else np.zeros((0, 4), np.float32)
-        overlaps = iou_matrix(boxes, boxes)
-        np.fill_diagonal(overlaps, 0.0)
+        covered = _covered(boxes)
         for i, track in enumerate(seen):
             if track.in_flight:
                 continue
@@ -139,9 +144,10 @@ class TrackBook:
                 or since >= self.config.reclassify_every
                 or (track.confidence < self.config.min_confidence and since >= 3)
             )
-            if not due:
+            if not due or covered[i] > self.config.max_occlusion:
                 continue
-            if len(seen) > 1 and overlaps[i].max() > self.config.max_occlusion:
+            x1, y1, x2, y2 = (float(v) for v in track.box)
+            if width and (x1 <= 1 or y1 <= 1 or x2 >= width - 1 or y2 >= height - 1):
                 continue
             track.last_asked = frame
             track.in_flight = True
@@ -153,6 +159,21 @@ class TrackBook:
         gone = list(self.tracks.values())
         self.tracks.clear()
         return gone
+
+
+def _covered(boxes: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """For each box, the largest share of its area that another box covers."""
+    if len(boxes) < 2:
+        return np.zeros(len(boxes))
+    x1 = np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+    y1 = np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+    x2 = np.minimum(boxes[:, None, 2], boxes[None, :, 2])
+    y2 = np.minimum(boxes[:, None, 3], boxes[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-9)
+    share = inter / area[:, None]
+    np.fill_diagonal(share, 0.0)
+    return np.asarray(share.max(axis=1))
 
 
 def crop_square(

@@ -235,7 +235,7 @@ class StreamPipeline:
         for track in gone:
             self._emit(event("left", self.name, frame.index, track, self._labels))
         if self.classifier is not None:
-            due = self.book.to_classify(frame.index, seen)
+            due = self.book.to_classify(frame.index, seen, frame.width, frame.height)
             if due:
                 self._classify(frame, due)
         if self.on_frame is not None:

@@ -261,12 +261,21 @@ class Decoder:
                     return
 
 
+# Video luma is "limited range" (black 16, white 235) unless the format says full range:
+# stretched to 0-255, as grey images (and so the classifier's training data) are.
+_LIMITED_TO_FULL = np.clip((np.arange(256) - 16) * 255.0 / 219.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def _luma(decoded: Any) -> Pixels:
-    """The full-size grey plane: the Y plane itself for YUV frames (no conversion)."""
-    if decoded.format.name in ("yuv420p", "yuvj420p", "yuv422p", "yuv444p", "nv12"):
+    """The full-size grey plane: the Y plane itself for YUV frames (no colour conversion)."""
+    name = decoded.format.name
+    if name in ("yuv420p", "yuvj420p", "yuv422p", "yuv444p", "nv12"):
         plane = decoded.planes[0]
         data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-        return np.ascontiguousarray(data[:, : decoded.width])
+        y = data[:, : decoded.width]
+        full = name.startswith("yuvj") or int(getattr(decoded, "color_range", 1) or 1) == 2
+        # Either way a new array: the plane is the decoder's buffer, reused for later frames.
+        return np.array(y, copy=True) if full else _LIMITED_TO_FULL[y]
     return np.asarray(decoded.to_ndarray(format="gray"), dtype=np.uint8)
 
 

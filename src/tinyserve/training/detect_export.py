@@ -30,6 +30,7 @@ from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import ModelError
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
 from tinyserve.repository import save_version, validate_name
+from tinyserve.scenes import LabelledFrames, load_test_frames
 from tinyserve.training.detect import (
     DetectionModel,
     build_detector,
@@ -116,12 +117,10 @@ def export_detector(config: DetectExportConfig) -> tuple[Path, dict[str, Any]]:
         onnx.save(onnx_model, str(candidate))
         parity = check_parity(model, candidate, frames, config.parity_tolerance)
         engine = Engine(candidate, EngineConfig(warmup_runs=0))
-        held_out = load_scene_frames(
-            config.data, config.width, config.height, limit=config.val_frames
-        )
-        found = detect_all(engine.infer, held_out.images, config.width, config.height)
+        held_out = _held_out(config)
+        found = detect_all(engine.infer, held_out.images, held_out.width, held_out.height)
         accuracy = score_detections(found, held_out.boxes, held_out.ignored)
-    # mAP@0.5 at this input size on the frames the training run held out for validation
+    # mAP@0.5 at this input size, on the frames the quantize gate scores its candidates on
     write_manifest(onnx_model, manifest.with_source(parity=parity, **accuracy))
     saved = save_version(config.repo / config.name, onnx_model, config.version)
     report = {
@@ -136,6 +135,14 @@ def export_detector(config: DetectExportConfig) -> tuple[Path, dict[str, Any]]:
     }
     (saved.path.parent / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return saved.path, report
+
+
+def _held_out(config: DetectExportConfig) -> LabelledFrames:
+    """The test videos (every third frame, as the quantize gate reads them) when the scenes
+    folder has them, else the training run's validation frames (in input pixels)."""
+    if any((config.data / "test").glob("*/video.mp4")):
+        return load_test_frames(config.data, config.width, config.height, every=3)
+    return load_scene_frames(config.data, config.width, config.height, limit=config.val_frames)
 
 
 def to_onnx(model: DetectionModel, spec: InputSpec, opset: int = 17) -> Any:
