@@ -8,7 +8,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,13 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def stream_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("streams")
-    write_sequence(folder / "clip", SceneConfig(photos=ROOT / "samples" / "photos"),
-                   load_fashion_mnist("test"), seed=7, count=150)  # fmt: skip
+    write_sequence(
+        folder / "clip",
+        SceneConfig(photos=ROOT / "samples" / "photos"),
+        load_fashion_mnist("test"),
+        seed=7,
+        count=150,
+    )
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(5000))
     return folder
 
@@ -52,16 +57,22 @@ def server(tmp_path_factory: pytest.TempPathFactory, stream_dir: Path) -> Iterat
 
 
 def _start(server: Server, source: str, **extra: Any) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/streams", json={"source": source, **extra}, headers=AUTH,
-                      timeout=30)  # fmt: skip
+    return httpx.post(
+        f"{server.url}/v1/streams", json={"source": source, **extra}, headers=AUTH, timeout=30
+    )
 
 
 def test_starting_a_stream_needs_the_admin_token_and_a_confined_source(server: Server) -> None:
     assert httpx.get(f"{server.url}/v1/streams").json() == {"streams": []}
     refused = httpx.post(f"{server.url}/v1/streams", json={"source": "clip/video.mp4"})
     assert refused.status_code in (401, 403)
-    for source in ("../../etc/passwd", "/etc/passwd", "file:///etc/passwd",
-                   "http://example.com/x.mp4", "/dev/video0"):  # fmt: skip
+    for source in (
+        "../../etc/passwd",
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "http://example.com/x.mp4",
+        "/dev/video0",
+    ):
         answer = _start(server, source)
         assert answer.status_code in (403, 422), (source, answer.text)
         assert "error" in answer.json()
@@ -131,8 +142,12 @@ def test_detect_route_and_seed_routes_keep_the_classifier(server: Server, stream
         frame = next(container.decode(video=0)).to_image()
     png = io.BytesIO()
     frame.save(png, format="PNG")
-    found = httpx.post(f"{server.url}/v1/models/scene-det/detect", content=png.getvalue(),
-                       headers={"content-type": "image/png"}, timeout=30).json()  # fmt: skip
+    found = httpx.post(
+        f"{server.url}/v1/models/scene-det/detect",
+        content=png.getvalue(),
+        headers={"content-type": "image/png"},
+        timeout=30,
+    ).json()
     assert found["width"] == 640 and found["height"] == 480
     truth = [
         line.split(",") for line in (stream_dir / "clip" / "gt" / "gt.txt").read_text().splitlines()
@@ -142,9 +157,18 @@ def test_detect_route_and_seed_routes_keep_the_classifier(server: Server, stream
     boot = ROOT / "samples" / "fashion" / "0000_ankle-boot.png"
     seed = httpx.post(f"{server.url}/predict", files={"file": boot.read_bytes()}, timeout=30)
     assert seed.status_code == 200 and seed.json()["model"] == "fashion-cnn"
-    wrong = httpx.post(f"{server.url}/v1/models/fashion-cnn/detect", content=boot.read_bytes(),
-                       headers={"content-type": "image/png"}, timeout=30)  # fmt: skip
+    wrong = httpx.post(
+        f"{server.url}/v1/models/fashion-cnn/detect",
+        content=boot.read_bytes(),
+        headers={"content-type": "image/png"},
+        timeout=30,
+    )
     assert wrong.status_code == 422
+    classify_a_detector = httpx.post(
+        f"{server.url}/v1/models/scene-det/predict", files={"file": boot.read_bytes()}, timeout=30
+    )
+    assert classify_a_detector.status_code == 422
+    assert "detect" in classify_a_detector.json()["error"]["message"]
     del Image
 
 
@@ -154,8 +178,9 @@ def page(server: Server) -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                             args=["--no-sandbox"])  # fmt: skip
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
         yield browser.new_page()
         browser.close()
 
@@ -173,6 +198,3 @@ def test_the_web_page_shows_a_streams_live_view_and_events(page: Any, server: Se
     first = page.locator("#stream-events li").first.text_content()
     assert json.loads(first)["stream"] == sid
     httpx.delete(f"{server.url}/v1/streams/{sid}", headers=AUTH, timeout=30)
-
-
-_: Callable[..., Any] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -38,8 +39,19 @@ def manager(context: ServingContext) -> StreamManager:
         config = context.config
         policy = SourcePolicy(root=config.stream_dir, allow=tuple(config.stream_allow))
         found = StreamManager(context.registry, policy, config.max_streams)
+        context.metrics.registry.register(_Collector(found))
         _MANAGERS[context] = found
     return found
+
+
+class _Collector:
+    """The streams' families in the server's /metrics (read on each scrape)."""
+
+    def __init__(self, streams: StreamManager) -> None:
+        self.streams = streams
+
+    def collect(self) -> Iterator[Any]:
+        return self.streams.collect()
 
 
 async def detect(context: ServingContext, call: Call) -> Reply:
