@@ -35,6 +35,7 @@ class TrackConfig:
     confirm_frames: int = 2  # consecutive matches before a track gets an id
     reclassify_every: int = 15
     min_confidence: float = 0.8  # below this, the vote asks again (at most every 3 frames)
+    min_output_score: float = 0.4  # weaker matches keep a track alive, unreported
     max_occlusion: float = 0.05  # share of the box another box may cover for a crop
 
     def __post_init__(self) -> None:
@@ -119,7 +120,10 @@ class TrackBook:
                 self.tracks[track_id] = state
                 appeared.append(state)
             state.last_frame, state.box, state.score = frame, box, float(confidence[i])
-            seen.append(state)
+            # A weak detection keeps its track alive (ByteTrack's second stage) but is not
+            # reported: on its own it is as often a blob of background as the object.
+            if state.score >= self.config.min_output_score:
+                seen.append(state)
         alive = {int(t.tracker_id) + 1 for t in self._tracker.tracks if int(t.tracker_id) >= 0}
         gone = [self.tracks.pop(i) for i in sorted(set(self.tracks) - alive)]
         return seen, appeared, gone
