@@ -554,7 +554,11 @@ def load_test_frames(
                 if (number - 1) % every:
                     continue
                 size = (frame.width, frame.height)
-                images.append(frame.to_ndarray(width=width, height=height, format="rgb24"))
+                images.append(
+                    frame.to_ndarray(
+                        width=width, height=height, format="rgb24", interpolation="AREA"
+                    )
+                )
                 rows = truth.get(number, [])
                 xyxy = np.array(
                     [(x, y, x + w, y + h) for _, _, x, y, w, h, _ in rows], dtype=np.float32

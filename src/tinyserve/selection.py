@@ -69,7 +69,7 @@ def precision_of(manifest: Manifest) -> str:
     return "fp32"
 
 
-def measure(infer: InferFn, shape: tuple[int, int, int], batch: int = 8, runs: int = 5) -> float:
+def measure(infer: InferFn, shape: tuple[int, int, int], batch: int = 4, runs: int = 5) -> float:
     """Median seconds per frame of ``infer`` on batches of ``batch`` frames (after a warm-up)."""
     frames = np.random.default_rng(0).integers(0, 256, (batch, *shape), dtype=np.uint8)
     infer(frames)

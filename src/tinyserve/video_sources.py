@@ -247,7 +247,9 @@ class Decoder:
                     index=index,
                     decoded_at=time.perf_counter(),
                     pixels=np.asarray(
-                        decoded.to_ndarray(width=width, height=height, format="rgb24"),
+                        decoded.to_ndarray(
+                            width=width, height=height, format="rgb24", interpolation="AREA"
+                        ),
                         dtype=np.uint8,
                     ),
                     luma=_luma(decoded),

@@ -40,7 +40,7 @@ def video(
     json_events: Annotated[
         Path | None, typer.Option("--json", help="Events (appear, classified, left) as JSON lines.")
     ] = None,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads; 0 = all cores given.")] = 0,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads; 0 = all cores given.")] = 1,
     max_frames: Annotated[int | None, typer.Option(help="Stop each stream after N frames.")] = None,
     progress: Annotated[bool, typer.Option(help="Show live progress per stream.")] = True,
 ) -> None:

@@ -171,15 +171,20 @@ def check_parity(
 ) -> dict[str, Any]:
     """ONNX Runtime against PyTorch on ``frames``; raises when they differ beyond ``tolerance``.
 
-    The top-K scores must agree rank by rank. Boxes and classes are compared for detections
-    whose score stands apart from every other one in the frame (more than ``tolerance``):
+    The top-K scores (those above 0.1) must agree rank by rank. Boxes and classes are
+    compared for detections whose score stands apart from every other one in the frame (more than ``tolerance``):
     peaks of equal score may come out of TopK in either order, so their rows may swap.
     """
     engine = Engine(path, EngineConfig(warmup_runs=0))
     with torch.no_grad():
         expected = model(torch.from_numpy(frames)).numpy()
     got = np.concatenate([engine.infer(frames[i : i + 16]) for i in range(0, len(frames), 16)])
-    score_diff = float(np.abs(expected[:, :, 4] - got[:, :, 4]).max())
+    # Rank by rank, over the detections worth reporting: below 0.1 a flat heatmap (an
+    # untrained or empty region) has plateaus where either side's max-pool may keep a
+    # different cell of equal score.
+    want, have = expected[:, :, 4], got[:, :, 4]
+    worth = (want >= 0.1) | (have >= 0.1)
+    score_diff = float(np.abs(want - have)[worth].max(initial=0.0))
     compared, box_diff = 0, 0.0
     for want, have in zip(expected, got, strict=True):
         gaps = np.abs(want[:, None, 4] - want[None, :, 4]) + np.eye(len(want)) * 1e9
