@@ -173,7 +173,8 @@ def check_parity(
 
     The top-K scores (those above 0.1) must agree rank by rank. Boxes and classes are
     compared for detections whose score stands apart from every other one in the frame
-    (more than ``tolerance``): peaks of equal score may come out of TopK in either order, so their rows may swap.
+    (more than ``tolerance``): peaks of equal score may come out of TopK in either order,
+    so their rows may swap.
     """
     engine = Engine(path, EngineConfig(warmup_runs=0))
     with torch.no_grad():
