@@ -11,7 +11,8 @@ a request task, for as long as it likes (slowloris). ``BoundedHttpToolsProtocol`
 - a body that sends nothing for ``BODY_IDLE_TIMEOUT_S`` (while the server is reading it):
   408; the handler waiting for it sees the client disconnect.
 
-Each answer closes the connection. The timers cost one ``call_later`` per request.
+Each answer closes the connection. A request only moves a deadline; one timer per
+connection checks it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` refusing oversized headers and slow clients (431, 408)."""
+    """``HttpToolsProtocol`` refusing oversized headers and slow clients (431, 408).
+
+    Each step of a request only moves a deadline (a float); one timer per connection looks
+    at it now and then, so a request pays for no timer of its own.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,10 +50,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._refused = False
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # when what is awaited must have arrived
+        self._awaiting = "the request headers"
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm(HEADER_TIMEOUT_S, "the request headers")
+        self._expect(HEADER_TIMEOUT_S, "the request headers")
+        self._timer = self.loop.call_later(HEADER_TIMEOUT_S, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -69,40 +77,48 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_headers = True
         self._header_bytes = 0
-        self._arm(HEADER_TIMEOUT_S, "the request headers")
+        self._expect(HEADER_TIMEOUT_S, "the request headers")
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
-        self._arm(BODY_IDLE_TIMEOUT_S, "the request body")  # cancelled if there is none
+        self._expect(BODY_IDLE_TIMEOUT_S, "the request body")  # cleared if there is none
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        self._arm(BODY_IDLE_TIMEOUT_S, "the request body")
+        self._deadline = self.loop.time() + BODY_IDLE_TIMEOUT_S
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._deadline = None  # the request is in; the answer is the app's business
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # a refusal has answered and closed already
             super().send_400_response(msg)
 
-    def _arm(self, seconds: float, what: str) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(seconds, self._expired, what)
+    def _expect(self, seconds: float, what: str) -> None:
+        self._deadline = self.loop.time() + seconds
+        self._awaiting = what
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _expired(self, what: str) -> None:
+    def _check(self) -> None:
         self._timer = None
-        if self.flow is not None and self.flow.read_paused:  # the server is not reading
-            self._arm(BODY_IDLE_TIMEOUT_S, what)
+        if self._refused or self.transport.is_closing():
             return
-        self._refuse(408, "request_timeout", f"{what} did not arrive in time")
+        now = self.loop.time()
+        deadline = self._deadline
+        if deadline is not None and now >= deadline:
+            if self.flow is not None and self.flow.read_paused:  # the server is not reading
+                self._deadline = deadline = now + BODY_IDLE_TIMEOUT_S
+            else:
+                self._refuse(408, "request_timeout", f"{self._awaiting} did not arrive in time")
+                return
+        wait = HEADER_TIMEOUT_S if deadline is None else max(0.05, deadline - now)
+        self._timer = self.loop.call_later(wait, self._check)
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         self._refused = True
