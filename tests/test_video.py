@@ -336,3 +336,18 @@ def test_crops_wait_while_a_box_is_cut_by_the_edge_or_covered() -> None:
     chosen = {tuple(int(v) for v in t.box) for t in book.to_classify(2, seen, 192, 144)}
     assert chosen == {(60, 10, 90, 40)}  # at the edge: no; overlapping each other: no
     assert book.to_classify(2, seen, 192, 144) == []  # asked already, answer pending
+
+
+def test_an_image_folder_is_one_sequence_in_name_order(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for i in range(5):
+        Image.new("RGB", (64, 48), (i * 50, 0, 0)).save(tmp_path / f"{i:03d}.png")
+    decoder = Decoder(str(tmp_path), (32, 24), SourcePolicy(root=tmp_path.parent))
+    decoder.start()
+    decoder.join(10)
+    frames = [decoder.get() for _ in range(5)]
+    assert decoder.stats.error is None and decoder.stats.decoded == 5
+    assert [f.index for f in frames if f] == [1, 2, 3, 4, 5]
+    reds = [int(f.pixels[..., 0].mean()) for f in frames if f]
+    assert reds == sorted(reds) and frames[0] is not None and frames[0].pixels.shape == (24, 32, 3)
