@@ -198,3 +198,30 @@ def test_the_web_page_shows_a_streams_live_view_and_events(page: Any, server: Se
     first = page.locator("#stream-events li").first.text_content()
     assert json.loads(first)["stream"] == sid
     httpx.delete(f"{server.url}/v1/streams/{sid}", headers=AUTH, timeout=30)
+
+
+def test_the_detector_is_served_over_v2_with_uint8_frames() -> None:
+    import numpy as np
+    from starlette.testclient import TestClient
+
+    from tinyserve.app import ServerConfig, create_app
+
+    frame = np.zeros((1, 240, 320, 3), np.uint8)
+    frame[0, 80:140, 100:160] = 200  # one bright card-sized square
+    body = {
+        "inputs": [
+            {
+                "name": "frames",
+                "datatype": "UINT8",
+                "shape": [1, 240, 320, 3],
+                "data": frame.flatten().tolist(),
+            }
+        ]
+    }
+    with TestClient(create_app(ServerConfig(repo=MODELS))) as client:
+        answer = client.post("/v2/models/scene-det/versions/1/infer", json=body)
+    assert answer.status_code == 200
+    (out,) = answer.json()["outputs"]
+    assert out["name"] == "detections" and out["shape"] == [1, 100, 6]
+    rows = np.asarray(out["data"], np.float32).reshape(100, 6)
+    assert (np.diff(rows[:, 4]) <= 1e-6).all()
