@@ -19,6 +19,7 @@ from tinyserve.asgi import Call, Reply, json_reply
 from tinyserve.context import ServingContext
 from tinyserve.detection import from_output
 from tinyserve.errors import InvalidParameter, MalformedRequest, ModelNotReady
+from tinyserve.openapi import IMAGE_BODY
 from tinyserve.requests import parse_body
 from tinyserve.routes import Route
 from tinyserve.streams import StreamManager
@@ -157,24 +158,31 @@ async def stream_mjpeg(context: ServingContext, call: Call) -> Reply:
 
 
 _STREAM_BODY = {
-    "type": "object",
-    "required": ["source"],
-    "properties": {
-        "source": {
-            "type": "string",
-            "description": "A file under --stream-dir, or an allowed URL or device",
-        },  # noqa: E501
-        "detector": {"type": "string"},
-        "classifier": {"type": "string"},
-        "fps": {"type": "number"},
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["source"],
+                "properties": {
+                    "source": {
+                        "type": "string",
+                        "description": "A file under --stream-dir, or an allowed URL or device",
+                    },  # noqa: E501
+                    "detector": {"type": "string"},
+                    "classifier": {"type": "string"},
+                    "fps": {"type": "number"},
+                },
+            }
+        }
     },
 }
 _S = "streams"
 VIDEO_ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/models/{model}/detect", detect, "Detect objects in one image", "detect",
-          counted=True, statuses=(400, 404, 413, 415, 422, 503)),
+          counted=True, body=IMAGE_BODY, statuses=(400, 404, 413, 415, 422, 503)),
     Route("POST", "/v1/streams", create_stream, "Start a video stream", _S, admin=True,
-          body=_STREAM_BODY, statuses=(400, 401, 403, 422, 503)),
+          body=_STREAM_BODY, statuses=(400, 401, 403, 404, 413, 422, 503)),
     Route("GET", "/v1/streams", list_streams, "The video streams and their stats", _S,
           statuses=(503,)),
     Route("GET", "/v1/streams/{stream}", get_stream, "One stream's stats", _S, statuses=(404, 503)),
