@@ -90,3 +90,19 @@ def test_comparison_table_gives_ratios_and_the_bare_ort_share() -> None:
     assert "| tinyserve | multipart | 32 | 100 | 1.00 |" in text
     assert "| fastapi | multipart | 32 | 50 | 0.50 |" in text
     assert "c=32: 83%" in text
+
+
+@pytest.mark.slow
+def test_production_costs_measures_every_configuration() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "production_costs.py"), "--rounds", "1",
+         "--duration", "0.5"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [
+        line for line in result.stdout.splitlines() if line.startswith("| ") and "µs" not in line
+    ]
+    names = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    assert names == ["off", "cache memory (hits)", "api keys", "traffic = {2 = 100}"]
+    assert all(float(row.split(" | ")[2]) > 0 for row in rows)
