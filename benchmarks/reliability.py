@@ -236,7 +236,10 @@ def soak(seconds: float, tmp: Path) -> dict[str, Any]:
         )
         start = server.figures()
         tally, sent = asyncio.run(
-            open_loop(server, seconds, rate, ["rest", "v2", "batch"], reload_every=30)
+            # a reload every 30 s (more often in a soak shorter than 90 s)
+            open_loop(
+                server, seconds, rate, ["rest", "v2", "batch"], reload_every=min(30.0, seconds / 3)
+            )  # fmt: skip
         )
         end = server.figures()
     finally:

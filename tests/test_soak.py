@@ -24,7 +24,7 @@ def test_a_soak_with_hot_reloads_fails_nothing_and_stays_flat(tmp_path: Path) ->
     figures = reliability.soak(SECONDS, tmp_path)
     statuses = figures["statuses"]
     assert figures["failed"] == 0, statuses
-    assert statuses.get("reload 200", 0) >= int(SECONDS // 30), statuses
+    assert statuses.get("reload 200", 0) >= 2, statuses  # every 30 s, or a third of the soak
     assert figures["answered"] >= 0.8 * figures["rate_rps"] * SECONDS, figures
     start, end = figures["start"], figures["end"]
     assert end["process_open_fds"] <= start["process_open_fds"] + 2, figures
