@@ -11,7 +11,6 @@ on the same images (the original fed NumPy-normalized floats) and must match it.
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from tinyserve.errors import ConfigError, ModelError
 from tinyserve.imaging import Pixels, load_image
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
 from tinyserve.predict import expand_images
-from tinyserve.repository import staged_version, validate_name
+from tinyserve.repository import save_version_with_report, validate_name
 
 LAYOUTS = ("nchw", "nhwc")
 INPUT_NAME = "pixels"
@@ -129,21 +128,17 @@ def import_onnx(config: OnnxImportConfig) -> ImportResult:
     write_manifest(combined, manifest.with_source(verification=verification))
 
     model_dir = config.repo / config.name
-    with staged_version(model_dir, config.version) as staged:  # model and report at once
-        size = staged.save_model(combined)
-        path, version = staged.path, staged.version
-        report = {
-            "model": config.name,
-            "version": version,
-            "path": str(path),
-            "bytes": size,
-            "input": asdict(spec),
-            "verification": verification,
-            "source": dict(manifest.source),
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        staged.write(REPORT_FILE, json.dumps(report, indent=2) + "\n")
-    return ImportResult(path, report)
+    report = {
+        "model": config.name,
+        "input": asdict(spec),
+        "verification": verification,
+        "source": dict(manifest.source),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    saved, report = save_version_with_report(
+        model_dir, combined, config.version, REPORT_FILE, report
+    )
+    return ImportResult(saved.path, report)
 
 
 def verify_import(

@@ -15,7 +15,6 @@ model that misses the bar is refused unless forced.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from tinyserve.errors import ConfigError, DatasetError, ModelError
 from tinyserve.evaluate import evaluation_set, predict_classes
 from tinyserve.imaging import Pixels
 from tinyserve.manifest import Manifest, read_manifest, write_manifest
-from tinyserve.repository import ModelRef, resolve, staged_version
+from tinyserve.repository import ModelRef, resolve, save_version_with_report
 from tinyserve.scenes import load_test_frames, load_train_frames
 
 MODES = ("dynamic", "static", "fp16")
@@ -177,16 +176,9 @@ def quantize(config: QuantizeConfig, progress: bool = False) -> QuantizeResult:
         if not gate.passed and not config.force:
             return QuantizeResult(None, None, gate, report)
         model = _versioned_model(candidate, manifest, parent, lineage)
-        with staged_version(config.model_dir) as staged:  # model and report at once
-            size = staged.save_model(model)
-            report.update(
-                version=staged.version,
-                path=str(staged.path),
-                bytes=size,
-                seconds=round(time.perf_counter() - started, 2),
-            )
-            staged.write(REPORT_FILE, json.dumps(report, indent=2) + "\n")
-    return QuantizeResult(staged.path, staged.version, gate, report)
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        saved, report = save_version_with_report(config.model_dir, model, None, REPORT_FILE, report)
+    return QuantizeResult(saved.path, saved.version, gate, report)
 
 
 def convert(source: Path, target: Path, manifest: Manifest, config: QuantizeConfig) -> str:

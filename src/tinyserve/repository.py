@@ -15,6 +15,7 @@ a model folder, or a single .onnx file. ``model_name`` and ``model_files`` descr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -183,6 +184,18 @@ def save_version(model_dir: Path, model: Any, version: int | None = None) -> Mod
     with staged_version(model_dir, version) as staged:
         staged.save_model(model)
     return staged.ref
+
+
+def save_version_with_report(
+    model_dir: Path, model: Any, version: int | None, report_file: str, report: dict[str, Any]
+) -> tuple[ModelRef, dict[str, Any]]:
+    """Write a model and its JSON report as one new version, all at once (``staged_version``);
+    the report gains the version's number, path and size."""
+    with staged_version(model_dir, version) as staged:
+        size = staged.save_model(model)
+        report = {**report, "version": staged.version, "path": str(staged.path), "bytes": size}
+        staged.write(report_file, json.dumps(report, indent=2) + "\n")
+    return staged.ref, report
 
 
 def _clear_stale_partials(model_dir: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import pickle
 import tempfile
 import time
@@ -30,7 +29,7 @@ from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import CheckpointError, ConfigError, ModelError
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
 from tinyserve.onnx_import import verification_pixels
-from tinyserve.repository import staged_version, validate_name
+from tinyserve.repository import save_version_with_report, validate_name
 from tinyserve.training.models import ServingModel, create_model
 from tinyserve.training.train import build_from_checkpoint, load_checkpoint
 
@@ -261,22 +260,18 @@ def export_model(
     manifest = manifest.with_source(parity=parity)
     write_manifest(onnx_model, manifest)
     model_dir = config.repo / config.name
-    with staged_version(model_dir, config.version) as staged:  # model and report at once
-        size = staged.save_model(onnx_model)
-        path, version = staged.path, staged.version
-        report = {
-            "model": config.name,
-            "version": version,
-            "path": str(path),
-            "bytes": size,
-            "opset": config.opset,
-            "simplified": config.simplify,
-            "parity": parity,
-            "source": dict(manifest.source),
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        staged.write("export_report.json", json.dumps(report, indent=2) + "\n")
-    return ExportResult(path, report)
+    report = {
+        "model": config.name,
+        "opset": config.opset,
+        "simplified": config.simplify,
+        "parity": parity,
+        "source": dict(manifest.source),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    saved, report = save_version_with_report(
+        model_dir, onnx_model, config.version, "export_report.json", report
+    )
+    return ExportResult(saved.path, report)
 
 
 def to_onnx(model: ServingModel, spec: InputSpec, opset: int = 17) -> Any:
