@@ -14,50 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "samples" / "fashion" / "0000_ankle-boot.png"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tinyserve", "serve", "--port", str(port), "--log-level",
-         "warning", *args],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"tinyserve serve {' '.join(args)} did not become ready")
+from reliability import IMAGE, ROOT, Server
 
 
 def main() -> None:
@@ -77,39 +41,40 @@ def main() -> None:
     split = tmp / "split"
     shutil.copytree(ROOT / "models" / "fashion-cnn", split / "fashion-cnn")
     (split / "fashion-cnn" / "config.toml").write_text("traffic = {2 = 100}\n")
-    base = ["--repo", str(ROOT / "models"), "--default-model", "fashion-cnn"]
-    configs: dict[str, tuple[list[str], dict[str, str], list[str]]] = {
-        "off": (base, {}, []),
-        "cache memory (hits)": ([*base, "--cache", "memory"], {}, []),
-        "api keys": ([*base, "--api-keys", str(keys)], {},
+    models, base = ROOT / "models", ["--default-model", "fashion-cnn"]
+    configs: dict[str, tuple[Path, list[str], dict[str, str], list[str]]] = {
+        "off": (models, base, {}, []),
+        "cache memory (hits)": (models, [*base, "--cache", "memory"], {}, []),
+        "api keys": (models, [*base, "--api-keys", str(keys)], {},
                      ["--header", f"Authorization: Bearer {key}"]),
-        "traffic = {2 = 100}": (["--repo", str(split)], {}, []),
+        "traffic = {2 = 100}": (split, [], {}, []),
     }  # fmt: skip
     if options.before is not None:
-        configs = {"before": (base, {"PYTHONPATH": str(options.before / "src")}, []), **configs}
-    servers = {name: start(args, env) for name, (args, env, _) in configs.items()}
+        before_env = {"PYTHONPATH": str(options.before / "src")}
+        configs = {"before": (models, base, before_env, []), **configs}
+    servers = {name: Server(repo, *args, env=env) for name, (repo, args, env, _) in configs.items()}
     per_request: dict[str, list[float]] = {name: [] for name in configs}
     try:
         for round_ in range(options.rounds):
             names = list(configs) if round_ % 2 == 0 else list(reversed(configs))
             for name in names:
-                process, url = servers[name]
-                before = cpu_seconds(process.pid)
+                server = servers[name]
+                before = server.cpu_seconds()
                 out = subprocess.run(
-                    [sys.executable, "-m", "tinyserve", "bench", "http", f"{url}/predict",
+                    [sys.executable, "-m", "tinyserve", "bench", "http", f"{server.url}/predict",
                      "--image", str(IMAGE), "--concurrency", "64", "--warmup", "0.5",
                      "--duration", str(options.duration), "--no-metrics", "--json",
-                     *configs[name][2]],
+                     *configs[name][3]],
                     capture_output=True, text=True, check=True,
                 ).stdout  # fmt: skip
-                used = cpu_seconds(process.pid) - before
+                used = server.cpu_seconds() - before
                 step = json.loads(out)["steps"][0]
                 if step["ok"] != step["requests"]:
                     raise RuntimeError(f"{name}: {step['statuses']}")
                 per_request[name].append(used / step["requests"] * 1e6)
     finally:
-        for process, _ in servers.values():
-            process.terminate()
+        for server in servers.values():
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     off = statistics.median(per_request["off"])
     print("| server | server CPU per request, µs (each round) | median | vs off |")

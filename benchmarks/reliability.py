@@ -48,13 +48,13 @@ WATCHED = ("process_resident_memory_bytes", "process_open_fds", "tinyserve_threa
 class Server:
     """``tinyserve serve`` on a free loopback port, with the admin token set."""
 
-    def __init__(self, repo: Path, *args: str) -> None:
+    def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")
-        env = {**os.environ, "TINYSERVE_ADMIN_TOKEN": TOKEN}
+        env = {**os.environ, "TINYSERVE_ADMIN_TOKEN": TOKEN, **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tinyserve", "serve", "--repo", str(repo), "--port",
              str(self.port), "--log-level", "warning", *args],
