@@ -10,11 +10,9 @@ scene frames at the exported size.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +35,7 @@ from tinyserve.training.detect import (
     load_detector_checkpoint,
     load_scene_frames,
 )
+from tinyserve.training.export import to_onnx
 
 INPUT_NAME = "frames"
 OUTPUT_NAME = "detections"
@@ -88,7 +87,7 @@ def export_detector(config: DetectExportConfig) -> tuple[Path, dict[str, Any]]:
     frames = load_scene_frames(
         config.data, config.width, config.height, limit=config.parity_frames
     ).images
-    onnx_model = onnxslim.slim(to_onnx(model, spec, config.opset))
+    onnx_model = onnxslim.slim(to_onnx(model, spec, config.opset, INPUT_NAME, OUTPUT_NAME))
     onnx.checker.check_model(onnx_model, full_check=True)
     manifest = Manifest(
         labels=tuple(meta["labels"]),
@@ -143,27 +142,6 @@ def _held_out(config: DetectExportConfig) -> LabelledFrames:
     if any((config.data / "test").glob("*/video.mp4")):
         return load_test_frames(config.data, config.width, config.height, every=3)
     return load_scene_frames(config.data, config.width, config.height, limit=config.val_frames)
-
-
-def to_onnx(model: DetectionModel, spec: InputSpec, opset: int = 17) -> Any:
-    """Trace the detector, decoding included, with a dynamic batch axis."""
-    import onnx
-
-    dummy = torch.zeros((1, *spec.shape), dtype=torch.uint8)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (dummy,),
-            buffer,  # type: ignore[arg-type]
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-    return onnx.load_from_string(buffer.getvalue())
 
 
 def check_parity(

@@ -274,8 +274,15 @@ def export_model(
     return ExportResult(saved.path, report)
 
 
-def to_onnx(model: ServingModel, spec: InputSpec, opset: int = 17) -> Any:
-    """Trace ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis."""
+def to_onnx(
+    model: torch.nn.Module,
+    spec: InputSpec,
+    opset: int = 17,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+) -> Any:
+    """Trace ``model`` (uint8 ``spec``-shaped input) to an ``onnx.ModelProto`` with a dynamic
+    batch axis; a classifier's tensor names unless others are given (the detector's)."""
     import onnx
 
     model = model.eval()
@@ -287,9 +294,9 @@ def to_onnx(model: ServingModel, spec: InputSpec, opset: int = 17) -> Any:
             model,
             (dummy,),
             buffer,  # type: ignore[arg-type]
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )
