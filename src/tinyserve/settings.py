@@ -111,6 +111,7 @@ class RunConfig:
     models_per_replica: int = 4
     replica_cpus: float = 1.0
     allow_anonymous: bool = False  # a non-loopback host without API keys, and no warning
+    client_timeout_s: float = 10.0  # for a request's headers, and between reads of its body
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -125,6 +126,8 @@ class RunConfig:
             raise ValueError(f"replica_cpus must be >= 0, got {self.replica_cpus}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+        if self.client_timeout_s <= 0:
+            raise ValueError(f"client_timeout_s must be positive, got {self.client_timeout_s}")
 
 
 def _owner(part: str) -> type[Any]:
@@ -282,6 +285,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_pixels", int, "limits.max_pixels", "Largest image in pixels (checked before "
         "decoding).", _LIMITS,
+    ),
+    Setting(
+        "client_timeout", float, "run.client_timeout_s", "Seconds a client may take to send "
+        "its request headers, or to send more of its body, before it is answered 408 and "
+        "disconnected (slowloris).", _LIMITS,
     ),
     Setting(
         "rate_limit", float, "rate_limit", "Requests per second per client IP; 0 = no limit.",

@@ -12,7 +12,8 @@ a request task, for as long as it likes (slowloris). ``BoundedHttpToolsProtocol`
   408; the handler waiting for it sees the client disconnect.
 
 Each answer closes the connection. A request only moves a deadline; one timer per
-connection checks it.
+connection checks it. ``bounded_protocol(seconds)`` is the class with both timeouts set
+(``tinyserve serve --client-timeout``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "HEADER_TIMEOUT_S",
     "MAX_HEADER_BYTES",
     "BoundedHttpToolsProtocol",
+    "bounded_protocol",
 ]
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -44,6 +46,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     at it now and then, so a request pays for no timer of its own.
     """
 
+    header_timeout_s = HEADER_TIMEOUT_S
+    body_idle_timeout_s = BODY_IDLE_TIMEOUT_S
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_headers = True
@@ -55,8 +60,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._expect(HEADER_TIMEOUT_S, "the request headers")
-        self._timer = self.loop.call_later(HEADER_TIMEOUT_S, self._check)
+        self._expect(self.header_timeout_s, "the request headers")
+        self._timer = self.loop.call_later(self.header_timeout_s, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -77,15 +82,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_headers = True
         self._header_bytes = 0
-        self._expect(HEADER_TIMEOUT_S, "the request headers")
+        self._expect(self.header_timeout_s, "the request headers")
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
-        self._expect(BODY_IDLE_TIMEOUT_S, "the request body")  # cleared if there is none
+        self._expect(self.body_idle_timeout_s, "the request body")  # cleared if there is none
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        self._deadline = self.loop.time() + BODY_IDLE_TIMEOUT_S
+        self._deadline = self.loop.time() + self.body_idle_timeout_s
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -113,11 +118,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         deadline = self._deadline
         if deadline is not None and now >= deadline:
             if self.flow is not None and self.flow.read_paused:  # the server is not reading
-                self._deadline = deadline = now + BODY_IDLE_TIMEOUT_S
+                self._deadline = deadline = now + self.body_idle_timeout_s
             else:
                 self._refuse(408, "request_timeout", f"{self._awaiting} did not arrive in time")
                 return
-        wait = HEADER_TIMEOUT_S if deadline is None else max(0.05, deadline - now)
+        wait = self.header_timeout_s if deadline is None else max(0.05, deadline - now)
         self._timer = self.loop.call_later(wait, self._check)
 
     def _refuse(self, status: int, code: str, message: str) -> None:
@@ -134,3 +139,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             length = b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
             self.transport.write(head + length + body)
         self.transport.close()
+
+
+def bounded_protocol(timeout_s: float) -> type[BoundedHttpToolsProtocol]:
+    """``BoundedHttpToolsProtocol`` allowing a client ``timeout_s`` for its headers, and
+    ``timeout_s`` between two reads of its body."""
+    if timeout_s <= 0:
+        raise ValueError(f"the client timeout must be positive, got {timeout_s}")
+    attributes = {"header_timeout_s": timeout_s, "body_idle_timeout_s": timeout_s}
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), attributes)

@@ -44,7 +44,7 @@ def serve(context: typer.Context, **params: Any) -> None:
     import uvicorn
 
     from tinyserve.app import create_app
-    from tinyserve.cli.protocol import BoundedHttpToolsProtocol
+    from tinyserve.cli.protocol import bounded_protocol
 
     given = {n: v for n, v in params.items() if _from_command_line(context, n)}
     config, run = serve_config(given)
@@ -65,7 +65,7 @@ def serve(context: typer.Context, **params: Any) -> None:
         host=run.host,
         port=run.port,
         loop="auto",
-        http=BoundedHttpToolsProtocol,  # httptools, refusing huge headers and slow clients
+        http=bounded_protocol(run.client_timeout_s),  # httptools; 431 and 408 for abusers
         ws="none",  # no WebSocket routes; spares importing a WebSocket implementation
         access_log=False,
         log_level=run.log_level,
