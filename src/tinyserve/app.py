@@ -31,6 +31,7 @@ from tinyserve.openapi import describe
 from tinyserve.rest import REST_ROUTES
 from tinyserve.routes import Dispatch, Guard, Route
 from tinyserve.settings import ServerConfig
+from tinyserve.shedding import Shedder
 from tinyserve.v2 import V2_ROUTES
 from tinyserve.video_routes import VIDEO_ROUTES
 from tinyserve.webpage import WEB_ROUTES
@@ -97,13 +98,18 @@ def _openapi() -> bytes:
 
 
 class App:
-    """The server's ASGI app: table routes straight to their guard, the rest to Starlette."""
+    """The server's ASGI app: table routes straight to their guard, the rest to Starlette.
+
+    ``refusal`` is for the HTTP protocol: the early 503 of a saturated model's predictions
+    (``tinyserve.shedding``).
+    """
 
     def __init__(self, context: ServingContext, router: Starlette, dispatch: Dispatch) -> None:
         self.context = context
         self.router = router
         self.state = router.state
         self._dispatch = dispatch
+        self.refusal = Shedder(context, ROUTES).refusal
         self._cors: ASGIApp | None = None
         if context.config.cors_origins:
             from starlette.middleware.cors import CORSMiddleware

@@ -137,6 +137,23 @@ class Batcher:
         """Requests waiting for admission."""
         return len(self._waiting)
 
+    @property
+    def saturated(self) -> bool:
+        """Whether ``admit`` would refuse a request now: the queue is full, or others wait
+        for it, and the waiting room is full too."""
+        if self._closing or self._queue is None:
+            return False  # admit's own answer (not ready) is not a refusal for load
+        full = bool(self._waiting) or self._inflight + self._admitted >= self.config.max_queue
+        return full and len(self._waiting) >= self.config.max_waiting
+
+    def refusal(self) -> Overloaded:
+        """The error refusing a request while the model is ``saturated``."""
+        return Overloaded(
+            f"{self.name} has {self.config.max_queue} requests queued and "
+            f"{len(self._waiting)} waiting; retry shortly",
+            retry_after=1.0,
+        )
+
     async def admit(self) -> Ticket:
         """A place in the queue for one request, once there is one (see the module)."""
         if self._closing or self._queue is None:
@@ -145,11 +162,7 @@ class Batcher:
             self._admitted += 1
             return Ticket(self)
         if len(self._waiting) >= self.config.max_waiting:
-            raise Overloaded(
-                f"{self.name} has {self.config.max_queue} requests queued and "
-                f"{len(self._waiting)} waiting; retry shortly",
-                retry_after=1.0,
-            )
+            raise self.refusal()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         timeout = self.config.timeout_s

@@ -130,6 +130,7 @@ class Metrics:
         self._per_model: dict[str, list[float]] = {}
         self._versions: dict[tuple[str, str], InferenceStats] = {}
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._error_children: dict[tuple[str, str], Any] = {}
         self._stage_children: dict[str, tuple[Any, ...]] = {}
         # Requests waiting for or in inference, by model; the app sets it (the batchers
         # live in the registry, above this module).
@@ -161,7 +162,10 @@ class Metrics:
 
     def count_error(self, route: str, code: str) -> None:
         """Count an error answer by its code."""
-        self.errors.labels(route, code).inc()
+        child = self._error_children.get((route, code))
+        if child is None:  # routes are the table's paths and codes the error classes': few
+            child = self._error_children[(route, code)] = self.errors.labels(route, code)
+        child.inc()
 
     def count_request(self, route: str, status: int) -> None:
         """Count a request that is not a prediction (health, metadata...)."""

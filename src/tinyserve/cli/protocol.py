@@ -19,6 +19,7 @@ connection checks it. ``bounded_protocol(seconds)`` is the class with both timeo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -36,6 +37,8 @@ MAX_HEADER_BYTES = 64 * 1024
 HEADER_TIMEOUT_S = 10.0
 BODY_IDLE_TIMEOUT_S = 10.0
 
+Shed = Callable[[bytes, bytes], bytes | None]
+
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -48,6 +51,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     header_timeout_s = HEADER_TIMEOUT_S
     body_idle_timeout_s = BODY_IDLE_TIMEOUT_S
+    shed: Shed | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +61,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None  # when what is awaited must have arrived
         self._awaiting = "the request headers"
+        self._dropping = False  # answered already (shed): the body is read and dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -87,15 +92,41 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._expect(self.body_idle_timeout_s, "the request body")  # cleared if there is none
+        if self.shed is not None and self._shed():
+            return
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         self._deadline = self.loop.time() + self.body_idle_timeout_s
-        super().on_body(body)
+        if not self._dropping:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._deadline = None  # the request is in; the answer is the app's business
+        if self._dropping:
+            self._dropping = False
+            self.on_response_complete()  # as after any answer: keep-alive timer, next request
+            return
         super().on_message_complete()
+
+    def _shed(self) -> bool:
+        """Answer the request whose headers just arrived with ``shed``'s refusal, if it has
+        one; only when no earlier request on this connection is still being answered (an
+        answer must not overtake another) and the client keeps the connection open."""
+        assert self.shed is not None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False
+        parser = self.parser
+        if not parser.should_keep_alive() or parser.should_upgrade():
+            return False
+        answer = self.shed(parser.get_method(), self.url)
+        if answer is None:
+            return False
+        status, _, rest = answer.partition(b"\r\n")
+        defaults = b"".join(n + b": " + v + b"\r\n" for n, v in self.server_state.default_headers)
+        self.transport.write(status + b"\r\n" + defaults + rest)
+        self._dropping = True
+        return True
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # a refusal has answered and closed already
@@ -130,7 +161,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         if self.transport.is_closing():
             return
-        if self.cycle is None or not self.cycle.response_started:
+        if not self._dropping and (self.cycle is None or not self.cycle.response_started):
             body = orjson.dumps({"error": {"code": code, "message": message}})
             head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n" % (
                 status,
@@ -141,10 +172,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def bounded_protocol(timeout_s: float) -> type[BoundedHttpToolsProtocol]:
+def bounded_protocol(timeout_s: float, shed: Shed | None = None) -> type[BoundedHttpToolsProtocol]:
     """``BoundedHttpToolsProtocol`` allowing a client ``timeout_s`` for its headers, and
-    ``timeout_s`` between two reads of its body."""
+    ``timeout_s`` between two reads of its body; ``shed`` answers early refusals."""
     if timeout_s <= 0:
         raise ValueError(f"the client timeout must be positive, got {timeout_s}")
-    attributes = {"header_timeout_s": timeout_s, "body_idle_timeout_s": timeout_s}
+    attributes: dict[str, Any] = {"header_timeout_s": timeout_s, "body_idle_timeout_s": timeout_s}
+    if shed is not None:
+        attributes["shed"] = staticmethod(shed)
     return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), attributes)

@@ -60,12 +60,13 @@ def serve(context: typer.Context, **params: Any) -> None:
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op
     # handler here makes a drained shutdown exit 0, as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    app = create_app(config)
     uvicorn.run(
-        create_app(config),
+        app,
         host=run.host,
         port=run.port,
         loop="auto",
-        http=bounded_protocol(run.client_timeout_s),  # httptools; 431 and 408 for abusers
+        http=bounded_protocol(run.client_timeout_s, app.refusal),  # httptools, 431/408, early 503
         ws="none",  # no WebSocket routes; spares importing a WebSocket implementation
         access_log=False,
         log_level=run.log_level,
