@@ -48,7 +48,10 @@ WATCHED = ("process_resident_memory_bytes", "process_open_fds", "tinyserve_threa
 class Server:
     """``tinyserve serve`` on a free loopback port, with the admin token set."""
 
-    def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, repo: Path, *args: str, env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:  # fmt: skip
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
@@ -59,6 +62,7 @@ class Server:
             [sys.executable, "-m", "tinyserve", "serve", "--repo", str(repo), "--port",
              str(self.port), "--log-level", "warning", *args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -344,17 +348,39 @@ def recovery(server: Server, baseline_p50_ms: float, limit_s: float = 30.0) -> f
     return None
 
 
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(the server's CPUs, the load generator's): the last CPU and the others, or None on
+    one CPU. The open loop's generator needs a core of its own at 5x capacity; sharing
+    cores, it would take them from the server and the figure would be the generator's."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return None if len(cpus) < 2 else ({cpus[-1]}, set(cpus[:-1]))
+
+
 def open_loop_overload(seconds: float, factor: float, tmp: Path) -> dict[str, Any]:
-    server = Server(repo_copy(tmp / "open"))
+    """Goodput at ``factor`` times capacity in an open loop, the server and the generator
+    on CPUs of their own (``split_cpus``); capacity is measured the same way just before."""
+    split = split_cpus()
+    server_cpus, load_cpus = split if split is not None else (None, None)
+    mine = os.sched_getaffinity(0)
+    server = Server(repo_copy(tmp / "open"), cpus=server_cpus)
     try:
+        if load_cpus is not None:
+            os.sched_setaffinity(0, load_cpus)
         capacity = asyncio.run(closed_loop(server, 5, 32))
+        cpu_before = server.cpu_seconds()
         tally, sent = asyncio.run(
             open_loop(server, seconds, factor * capacity, ["rest"], pool=3000)
         )
+        cpu = server.cpu_seconds() - cpu_before
         rss = server.figures()["process_resident_memory_bytes"]
+        answered = tally.statuses["200"] + tally.statuses["503"]
+        cpu_per_answer = cpu / max(1, answered)
     finally:
+        os.sched_setaffinity(0, mine)
         server.stop()
     return {
+        "server_cpus": sorted(server_cpus or mine), "load_cpus": sorted(load_cpus or mine),
+        "server_cpu_us_per_answer": round(cpu_per_answer * 1e6, 1),
         "capacity_rps": round(capacity, 1), "asked_rps": round(factor * capacity, 1),
         "sent_rps": round(sent, 1), "good_rps": round(tally.statuses["200"] / seconds, 1),
         "rejected": tally.statuses["503"], "statuses": dict(tally.statuses),
@@ -430,6 +456,14 @@ def table(results: dict[str, Any]) -> str:
             f"{open_['rejected']} (503) | {open_['p99_ok_ms']} / {open_['p99_rejected_ms']} ms | "
             f"{open_['rss_mb']} MB | |"
         )
+        share = open_["good_rps"] / max(1.0, open_["capacity_rps"])
+        lines += [
+            "",
+            f"Open loop: {open_['good_rps']:g} good answers/s against a capacity of "
+            f"{open_['capacity_rps']:g} ({share:.0%}); server on CPUs {open_['server_cpus']}, "
+            f"load on {open_['load_cpus']}; {open_['server_cpu_us_per_answer']:g} µs of server "
+            "CPU per answer.",
+        ]
     if over:
         good = ", ".join(f"{r['connections']}: {r['good_rps']:g}" for r in over["steps"])
         lines += ["", f"Good answers/s by connections: {good}."]

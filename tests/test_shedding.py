@@ -66,6 +66,7 @@ def run_saturated(tmp_path: Path, check: Callable[[App, Any], None], **options: 
             check(app, model)
             ticket.release()
             assert not model.batcher.saturated
+            await asyncio.sleep(0)  # what was let through before is the app's by now
             assert app.refusal(b"POST", b"/predict") is None
         finally:
             await app.context.close()
@@ -119,6 +120,25 @@ def test_what_is_not_exactly_a_saturated_prediction_goes_to_the_app(tmp_path: Pa
             assert app.refusal(method, target) is None, (method, target)
 
     run_saturated(tmp_path, check)
+
+
+def test_a_burst_is_let_through_only_as_far_as_the_app_would_take_it(tmp_path: Path) -> None:
+    """Requests arriving together are all looked at before the app admits any: each one
+    let through holds a place until the event loop's next turn."""
+
+    async def main() -> None:
+        batching = BatchConfig(max_queue=2, max_waiting=1)
+        app = create_app(ServerConfig(repo=repo_of(tmp_path), batching=batching))
+        await app.context.start()
+        try:
+            answers = [app.refusal(b"POST", b"/predict") for _ in range(5)]
+            assert [a is None for a in answers] == [True, True, True, False, False]
+            await asyncio.sleep(0)
+            assert app.refusal(b"POST", b"/predict") is None
+        finally:
+            await app.context.close()
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from tinyserve.errors import InferenceTimeout, ModelError, ModelNotReady, Overlo
 from tinyserve.imaging import Pixels
 
 InferFn = Callable[[Pixels], Logits]
+_NOT_FOR_LOAD = 1 << 30  # the room of a batcher that is not accepting requests at all
 
 
 @dataclass(frozen=True)
@@ -138,13 +139,19 @@ class Batcher:
         return len(self._waiting)
 
     @property
-    def saturated(self) -> bool:
-        """Whether ``admit`` would refuse a request now: the queue is full, or others wait
-        for it, and the waiting room is full too."""
+    def room(self) -> int:
+        """How many more requests ``admit`` would take now without refusing one: the free
+        places of the queue (none while others wait) plus the free places to wait."""
         if self._closing or self._queue is None:
-            return False  # admit's own answer (not ready) is not a refusal for load
-        full = bool(self._waiting) or self._inflight + self._admitted >= self.config.max_queue
-        return full and len(self._waiting) >= self.config.max_waiting
+            return _NOT_FOR_LOAD  # admit's own answer (not ready) is not a refusal for load
+        config = self.config
+        free = 0 if self._waiting else config.max_queue - self._inflight - self._admitted
+        return max(0, free) + max(0, config.max_waiting - len(self._waiting))
+
+    @property
+    def saturated(self) -> bool:
+        """Whether ``admit`` would refuse a request now."""
+        return self.room == 0
 
     def refusal(self) -> Overloaded:
         """The error refusing a request while the model is ``saturated``."""

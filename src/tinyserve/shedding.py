@@ -1,7 +1,7 @@
 """Refusing a prediction for a saturated model from its request line, before the app runs.
 
-While a model's queue and its waiting room are full (``Batcher.saturated``), the app refuses
-every further request for it with 503. Refused in the app, each costs about 100 µs of CPU
+While a model's queue and its waiting room are full (``Batcher.room`` is 0), the app
+refuses every further request for it with 503. Refused in the app, each costs about 100 µs of CPU
 (a task, the dispatch, the guard, the error body); under a flood of several times the
 server's capacity those refusals take the cores that the batches need, and the good answers
 collapse. ``Shedder.refusal(method, target)`` is asked by the HTTP protocol
@@ -21,6 +21,7 @@ tracing is on, since those see every request in the app.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import urllib.parse
@@ -28,6 +29,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from tinyserve import tracing
+from tinyserve.batcher import Batcher
 from tinyserve.context import ServingContext
 from tinyserve.errors import TinyServeError
 from tinyserve.http_errors import error_reply
@@ -58,6 +60,7 @@ class Shedder:
         ]
         self._known: dict[bytes, _Target | None] = {}
         self._answers: dict[tuple[str, str], bytes] = {}
+        self._passed: dict[Batcher, int] = {}  # let through since the event loop's last turn
         config = context.config
         self.enabled = not (config.cors_origins or config.access_log or config.trace)
 
@@ -79,13 +82,29 @@ class Shedder:
             if version == -1:
                 return None
         model = self._model(found, version)
-        if model is None or not model.batcher.saturated:
+        if model is None or self._passes(model.batcher):
             return None
         answer = self._answer(found.route, model)
         metrics = self._context.metrics
         metrics.count_error(found.route.path, "overloaded")
         metrics.observe_request(found.route.path, 503, time.perf_counter() - started, model.name)
         return answer
+
+    def _passes(self, batcher: Batcher) -> bool:
+        """Whether the app would admit (or let wait) one more request for ``batcher``.
+
+        The requests whose headers arrive together are all looked at before the app runs
+        for any of them, so the batcher's room alone would let through a burst that the
+        app then refuses one by one. Each one let through takes a place here until the
+        event loop's next turn, when the app has admitted them (it does so first thing).
+        """
+        passed = self._passed.get(batcher, 0)
+        if passed >= batcher.room:
+            return False
+        if not self._passed:
+            asyncio.get_running_loop().call_soon(self._passed.clear)
+        self._passed[batcher] = passed + 1
+        return True
 
     def _model(self, target: _Target, version: int | None) -> LoadedModel | None:
         registry = self._context.registry
