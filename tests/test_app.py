@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,34 @@ def test_admin_routes_are_off_without_a_token(make_client: Callable[..., TestCli
     assert client.post("/admin/reload").status_code == 401
     wrong = client.post("/admin/reload", headers={"authorization": "Bearer nope"})
     assert wrong.status_code == 401
+
+
+def test_a_replaced_version_is_closed_and_its_memory_given_back(
+    make_client: Callable[..., TestClient], repo: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from tinyserve import registry
+
+    trims: list[int] = []
+    monkeypatch.setattr(registry, "release_freed_memory", lambda: trims.append(1) or True)
+    local = tmp_path / "repo"
+    shutil.copytree(repo / "colors", local / "colors")
+    client = make_client(repo=local, default_model=None, admin_token=TOKEN)
+    served = client.app.context.registry.get("colors")  # type: ignore[attr-defined]
+    assert client.post("/admin/reload", headers={"authorization": f"Bearer {TOKEN}"}).is_success
+    for _ in range(100):  # the old version drains and closes in the background
+        if trims:
+            break
+        client.get("/health")
+        time.sleep(0.01)
+    assert trims, "the replaced version's memory was never given back"
+    assert served.batcher._closing  # and the replaced version is closed
+
+
+def test_release_freed_memory_answers_on_any_platform() -> None:
+    from tinyserve.registry import release_freed_memory
+
+    assert isinstance(release_freed_memory(), bool)
 
 
 def test_reload_swaps_in_a_new_version_and_refuses_a_broken_one(

@@ -15,6 +15,7 @@ file's, once their count is checked against the model's outputs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -274,7 +275,7 @@ class ModelRegistry:
                     loaded.successor = fresh.get(version, fresh[default])
                     if version not in fresh:
                         self.metrics.model_loaded.labels(name, str(version)).set(0)
-                    task = asyncio.get_running_loop().create_task(loaded.batcher.close())
+                    task = asyncio.get_running_loop().create_task(_retire(loaded))
                     self._closing.add(task)
                     task.add_done_callback(self._closing.discard)
             log.info("serving %s versions %s (default %d)", name, sorted(fresh), default)
@@ -387,3 +388,34 @@ def _batch_config(base: BatchConfig, overrides: Mapping[str, Any], folder: Path)
         return replace(base, **overrides)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{folder}/config.toml [batching]: {exc}") from exc
+
+
+async def _retire(loaded: LoadedModel) -> None:
+    """Drain and close a replaced version, then give what its session held back to the
+    system: glibc keeps freed memory for reuse, and each reload's session (weights and
+    ONNX Runtime's arena) would otherwise leave the server a little larger."""
+    await loaded.batcher.close()
+    del loaded  # the last reference once its requests are answered
+    await asyncio.sleep(0)
+    await asyncio.to_thread(release_freed_memory)
+
+
+def release_freed_memory() -> bool:
+    """``malloc_trim(0)`` where the C library is glibc: freed heap pages go back to the
+    system. False elsewhere (nothing to do)."""
+    trim = _malloc_trim()
+    return trim is not None and bool(trim(0))
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
