@@ -156,7 +156,7 @@ def servers(repo: Path, name: str, args: argparse.Namespace) -> list[dict[str, A
         },
         {"name": "tinyserve (json)", "body": "json", "path": "/predict", "cmd": tiny, "env": {}},
         {
-            "name": "tinyserve (raw, 2 workers)",
+            "name": "tinyserve x2 workers (raw)",
             "body": "raw",
             "path": "/predict",
             "cmd": [*tiny, "--workers", "2"],
@@ -281,7 +281,7 @@ def goals(result: dict[str, Any]) -> list[str]:
     def row(goal: str, measured: str, ratio: float, met: bool) -> None:
         lines.append(f"| {goal} | {measured} | {ratio:.2f} | {'yes' if met else 'no'} |")
 
-    for name in ("tinyserve (raw)", "tinyserve", "tinyserve (v2)", "tinyserve (raw, 2 workers)"):
+    for name in ("tinyserve (raw)", "tinyserve", "tinyserve (v2)", "tinyserve x2 workers (raw)"):
         if name in runs and best_bare:
             rps = max(r["rps"] for r in runs[name].values())
             row(f"{name}: best req/s ≥ {share_goal:.0%} of bare ORT's best "
@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument(
         "--servers",
         default="tinyserve,tinyserve (raw),tinyserve (v2),tinyserve (json),"
-        "tinyserve (raw, 2 workers),fastapi,litserve",
+        "tinyserve x2 workers (raw),fastapi,litserve",
         help="Which servers to run, comma-separated (tinyserve is the reference for ratios).",
     )
     args = parser.parse_args()

@@ -260,6 +260,12 @@ SETTINGS: tuple[Setting, ...] = (
         "its first image (0: take what is queued).", _BATCHING,
     ),
     Setting(
+        "learn_batch_size", bool, "batching.learn_batch_size", "Measure each model's images/s "
+        "at batch sizes 1, 2, 4 ... --max-batch-size at warm-up, and batch at most to the "
+        "smallest size within 5 % of the fastest (for models that slow down in big batches).",
+        _BATCHING,
+    ),
+    Setting(
         "max_queue", int, "batching.max_queue", "Queued images per model before 503.", _BATCHING
     ),
     Setting(
