@@ -201,25 +201,33 @@ def probe_body(kind: str, image: Path) -> dict[str, Any]:
 
 
 def run_model(name: str, repo: Path, image: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Every server once per repetition, round-robin, and bare ONNX Runtime between them:
+    when other work comes and goes on the machine, it spreads over every server alike
+    instead of landing on whichever ran at the time."""
     results: dict[str, Any] = {"model": name, "image": str(image), "servers": {}}
     wanted = set(args.servers.split(","))
-    for server in [s for s in servers(repo, name, args) if s["name"] in wanted]:
-        port = free_port()
-        cmd = list(server["cmd"])
-        if server["name"].startswith("tinyserve"):
-            cmd += ["--port", str(port)]
-        elif server["name"] == "fastapi":
-            cmd += ["--port", str(port)]
-        else:
-            cmd += [str(port)]
-        url = f"http://127.0.0.1:{port}{server['path']}"
-        reps = []
-        print(f"[{name}] {server['name']} ...", flush=True)
-        with running(cmd, server["env"], url, probe_body(server["body"], image)):
-            for _ in range(args.reps):
-                reps.append(load(url, image, server["body"], args))
-        results["servers"][server["name"]] = {"body": server["body"], "reps": reps}
-    results["bare_ort"] = bare_ort(repo / name, "1,8,32,64", max(2.0, args.duration / 2))
+    chosen = [s for s in servers(repo, name, args) if s["name"] in wanted]
+    bare: list[list[dict[str, Any]]] = []
+    for rep in range(args.reps):
+        for server in chosen:
+            port = free_port()
+            cmd = list(server["cmd"])
+            cmd += [str(port)] if server["name"] == "litserve" else ["--port", str(port)]
+            url = f"http://127.0.0.1:{port}{server['path']}"
+            print(f"[{name}] rep {rep + 1}/{args.reps}: {server['name']} ...", flush=True)
+            with running(cmd, server["env"], url, probe_body(server["body"], image)):
+                measured = load(url, image, server["body"], args)
+            entry = results["servers"].setdefault(
+                server["name"], {"body": server["body"], "reps": []}
+            )
+            entry["reps"].append(measured)
+        bare.append(bare_ort(repo / name, "1,8,32,64", max(2.0, args.duration / 2)))
+    # Each batch size's median over the repetitions.
+    results["bare_ort"] = [
+        {**rows[0], "throughput_ips": statistics.median(r["throughput_ips"] for r in rows),
+         "latency_ms": {"p50": statistics.median(r["latency_ms"]["p50"] for r in rows)}}
+        for rows in zip(*bare, strict=True)
+    ]  # fmt: skip
     return results
 
 
