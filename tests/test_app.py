@@ -449,3 +449,16 @@ def test_shortcut_and_router_give_the_same_answers(client: TestClient) -> None:
     assert client.post("/v1/models//predict", content=BOOT).status_code == 404
     stats = client.get("/stats").json()
     assert stats["models"]["fashion-cnn"]["total_requests"] >= 3  # the shortcut is counted
+
+
+def test_a_learned_batch_size_is_served_and_described(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(batching=BatchConfig(max_batch_size=4, learn_batch_size=True))
+    batching = client.get("/v1/models/fashion-cnn").json()["versions"][-1]["batching"]
+    assert batching["max_batch_size"] == 4
+    assert sorted(batching["throughput_curve"]) == ["1", "2", "4"]
+    assert batching["batch_limit"] in (1, 2, 4)
+    assert all(ips > 0 for ips in batching["throughput_curve"].values())
+    body = (SAMPLES / "0000_ankle-boot.png").read_bytes()
+    assert client.post("/predict", content=body).json()["label"] == "Ankle boot"

@@ -283,3 +283,54 @@ def test_waiting_for_room_is_bounded_by_the_timeout() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+class CacheBoundEngine(FakeEngine):
+    """A model of known speed: 10 ms + 1 ms per image up to 4 images, then 10 ms per image
+    (its activations no longer fit the cache), so batch 4 gives the most images per second."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        self.delay = 0.010 + (0.001 * n if n <= 4 else 0.010 * n)
+        return super().__call__(batch)
+
+
+def test_the_batcher_learns_the_fastest_batch_size_and_keeps_to_it() -> None:
+    engine = CacheBoundEngine()
+
+    async def scenario() -> tuple[int, dict[int, float], list[float]]:
+        batcher = Batcher(engine, BatchConfig(max_batch_size=16, learn_batch_size=True))
+        batcher.start()
+        size = await batcher.learn_batch_size(image(0))
+        engine.sizes.clear()
+        try:
+            rows = await asyncio.gather(*(batcher.submit(image(v)) for v in range(24)))
+        finally:
+            await batcher.close()
+        return size, batcher.curve, [float(row[0]) for row, _ in rows]
+
+    size, curve, values = asyncio.run(scenario())
+    assert sorted(curve) == [1, 2, 4, 8, 16]
+    assert size == 4
+    assert curve[4] > curve[2] > curve[1] and curve[4] > 2 * curve[16]
+    assert values == list(range(24))  # batching still gives each request its own row
+    assert max(engine.sizes) == 4 and sum(engine.sizes) == 24
+
+
+def test_best_batch_size_prefers_the_smaller_of_equal_speeds() -> None:
+    from tinyserve.batcher import best_batch_size, curve_sizes
+
+    assert curve_sizes(1) == [1]
+    assert curve_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert curve_sizes(24) == [1, 2, 4, 8, 16, 24]
+    # EfficientNet-Lite0-like: batch 1 is fastest on a CPU.
+    assert best_batch_size({1: 126.0, 8: 110.0, 32: 98.0}) == 1
+    assert best_batch_size({1: 900.0, 8: 6000.0, 32: 7300.0, 64: 7250.0}) == 32
+    assert best_batch_size({1: 100.0, 2: 196.0, 4: 200.0}) == 2  # within 5 % of the best
+    with pytest.raises(ValueError, match="no points"):
+        best_batch_size({})
+
+
+def test_without_learning_batches_fill_to_the_maximum() -> None:
+    batcher = Batcher(FakeEngine(), BatchConfig(max_batch_size=8))
+    assert batcher.batch_limit == 8 and batcher.curve == {}

@@ -92,6 +92,37 @@ def test_comparison_table_gives_ratios_and_the_bare_ort_share() -> None:
     assert "c=32: 83%" in text
 
 
+def test_comparison_states_each_goal_with_its_ratio() -> None:
+    def rep(rps_1: float, p50_1: float, rps_64: float) -> list[dict[str, object]]:
+        return [
+            {"concurrency": 1, "ok_rps": rps_1, "requests": 10, "ok": 10,
+             "latency_ms": {"p50": p50_1, "p99": 2.0}},
+            {"concurrency": 64, "ok_rps": rps_64, "requests": 10, "ok": 10,
+             "latency_ms": {"p50": 9.0, "p99": 20.0}},
+        ]  # fmt: skip
+
+    result = {
+        "model": "fashion-cnn:2",
+        "int8": True,
+        "image": "x.png",
+        "servers": {
+            "tinyserve": {"body": "multipart", "reps": [rep(1000, 0.5, 3000)]},
+            "tinyserve (raw)": {"body": "raw", "reps": [rep(1000, 0.5, 4000)]},
+            "tinyserve (v2)": {"body": "v2", "reps": [rep(900, 0.6, 3000)]},
+            "fastapi": {"body": "multipart", "reps": [rep(900, 0.6, 2000)]},
+        },
+        "bare_ort": [{"batch_size": 64, "throughput_ips": 10000.0, "latency_ms": {"p50": 5.0}}],
+    }
+    lines = compare_servers.goals(result)
+    text = "\n".join(lines)
+    # INT8: the share goal is 50 %; raw reaches 40 % of bare ORT's 10,000 images/s.
+    share = "| tinyserve (raw): best req/s ≥ 50% of bare ORT's best (10,000 img/s) |"
+    assert f"{share} 4,000 | 0.40 | no |" in text
+    assert "| V2 within 10 % of raw at c=64 | 3,000 vs 4,000 | 0.75 | no |" in text
+    assert "| c=1 p50 ≤ 0.4 ms (raw) | 0.50 ms | 1.25 | no |" in text
+    assert "| c=1 p50 below the FastAPI app's | 0.50 vs 0.60 ms | 0.83 | yes |" in text
+
+
 @pytest.mark.slow
 def test_production_costs_measures_every_configuration() -> None:
     result = subprocess.run(

@@ -28,6 +28,7 @@ from tinyserve import apidocs
 from tinyserve.asgi import Call, Receive, Reply, Scope, Send, json_reply
 from tinyserve.context import ServingContext
 from tinyserve.openapi import describe
+from tinyserve.peers import Peers
 from tinyserve.rest import REST_ROUTES
 from tinyserve.routes import Dispatch, Guard, Route
 from tinyserve.settings import ServerConfig
@@ -142,9 +143,10 @@ def _queue_depths(context: ServingContext) -> dict[str, int]:
     return {name: sum(m.batcher.depth for m in registry.versions(name)) for name in registry.names}
 
 
-def create_app(config: ServerConfig | None = None) -> App:
-    """Build the ASGI app; models load in its lifespan."""
-    context = ServingContext(config or ServerConfig())
+def create_app(config: ServerConfig | None = None, peers: Peers | None = None) -> App:
+    """Build the ASGI app; models load in its lifespan. ``peers``: the other workers of a
+    ``--workers N`` server, which reloads and ``/stats`` reach too."""
+    context = ServingContext(config or ServerConfig(), peers)
     context.metrics.queue_probe = functools.partial(_queue_depths, context)
     guards = {(r.method, r.path): Guard(context, r) for r in ROUTES}
 

@@ -16,8 +16,9 @@ import logging
 import signal
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from tinyserve.http_errors import ErrorReply, Shape, as_error, error_reply
 from tinyserve.imaging import Decoded, Pixels, decode_upload
 from tinyserve.manifest import InputSpec
 from tinyserve.metrics import Metrics, ProductionMetrics
+from tinyserve.peers import Answer, Peers
 from tinyserve.registry import LoadedModel, ModelRegistry
 from tinyserve.requests import Version, top_k_param
 from tinyserve.rollout import Rollout
@@ -51,13 +53,17 @@ log = logging.getLogger("tinyserve")
 # Clients remembered by the per-IP rate limit; the least recently seen is forgotten first
 # (it comes back with a full bucket, which is what a long-idle client would have anyway).
 MAX_RATE_CLIENTS = 10_000
+# How often each worker of a --workers N server writes its queue depth for the scrapes.
+QUEUE_DEPTH_PERIOD_S = 0.5
+_T = TypeVar("_T")
 
 
 class ServingContext:
     """The registry, metrics, decode pool and limits behind every route of one server."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, peers: Peers | None = None) -> None:
         self.config = config
+        self.peers = peers  # the other workers of a --workers N server, else None
         self.metrics = Metrics()
         self.registry = ModelRegistry(
             config.repo,
@@ -86,7 +92,7 @@ class ServingContext:
             self.metrics.watch_keys(self.keys.usage)
             log.info("API keys: %d live in %s", len(self.keys), config.api_keys)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._sighup = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -112,6 +118,10 @@ class ServingContext:
         # of the collector's reach, it is no longer walked by every full collection, whose
         # pauses otherwise set the tail latency under load (p99 at c=64 ~40 -> ~55 ms).
         gc.freeze()
+        if self.peers is not None:
+            # Each worker's queue depth is a gauge in its own file, which a scrape answered
+            # by a sibling reads: keep it current here rather than only when scraped.
+            self._spawn(self._publish_queue_depths())
         log.info("ready: %s", ", ".join(self.registry.names) or "no models")
 
     async def close(self) -> None:
@@ -136,10 +146,35 @@ class ServingContext:
                 self.reload_keys()
             except TinyServeError as exc:
                 log.error("API keys not reloaded, the previous ones stay: %s", exc.message)
-        task = asyncio.get_running_loop().create_task(self.registry.reload_all())
+        self._spawn(self.registry.reload_all()).add_done_callback(_log_reload)
+
+    def _spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)  # a task nobody references may be collected before it ends
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_reload)
+        return task
+
+    def publish_queue_depths(self) -> None:
+        """Set ``tinyserve_queue_depth`` from the batchers: requests waiting or in inference."""
+        registry = self.registry
+        for name in registry.names:
+            depth = sum(m.batcher.depth for m in registry.versions(name))
+            self.metrics.queue_depth.labels(name).set(depth)
+
+    async def _publish_queue_depths(self) -> None:
+        while True:
+            self.publish_queue_depths()
+            await asyncio.sleep(QUEUE_DEPTH_PERIOD_S)
+
+    async def on_siblings(self, call: Call, body: bytes = b"") -> list[Answer]:
+        """Make ``call`` again on every other worker (a reload must reach the whole server);
+        nothing when there are none, or when ``call`` itself came from a sibling."""
+        peers = self.peers
+        if peers is None or peers.is_forwarded(call.headers):
+            return []
+        query = call.scope.get("query_string", b"").decode("latin-1")
+        target = call.path + (f"?{query}" if query else "")
+        return await peers.forward(call.method, target, call.headers, body)
 
     # -- what a request needs -------------------------------------------------------------
 

@@ -2,6 +2,13 @@
 
 Every server gets its own ``CollectorRegistry`` so that several apps (tests, reloads) never
 share or double-register collectors.
+
+Several workers (``tinyserve serve --workers N``) count in Prometheus' multiprocess mode: the
+supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start, each worker's counters,
+histograms and gauges live in memory-mapped files there, and a scrape answered by any worker
+adds up every worker's files. The collectors that read a process rather than count
+(``process_*``, ``python_gc_*``, ``tinyserve_threads``, API keys, streams) describe the worker
+that answered. ``/stats`` adds up the workers' ``snapshot()``s (``merge_stats``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["PROMETHEUS_CONTENT_TYPE", "InferenceStats", "Metrics"]
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "InferenceStats", "Metrics", "merge_stats", "summarize"]
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -102,25 +109,26 @@ class Metrics:
             "Requests waiting for or in inference.",
             ["model"],
             registry=self.registry,
+            multiprocess_mode="livesum",  # the workers' queues together
         )
         self.model_loaded = Gauge(
             "tinyserve_model_loaded",
             "1 for each model version currently served.",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="livemax",  # served if any live worker serves it
         )
         self.model_load_seconds = Gauge(
             "tinyserve_model_load_seconds",
             "Time the served version took to load and warm up.",
             ["model"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
-        self.threads = Gauge(
-            "tinyserve_threads",
-            "OS threads of the server process (event loop, pools, ONNX Runtime).",
-            registry=self.registry,
-        )
-        self.threads.set_function(_thread_count)
+        # A collector, not a Gauge: in multiprocess mode a gauge's value is what was last
+        # written to its file, and a thread count must be read when scraped.
+        self.registry.register(_Threads())
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.started = time.time()
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=window)
@@ -238,7 +246,9 @@ class Metrics:
         return count, total
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Workers(self.registry, self.multiprocess_dir))
 
     def watch_keys(self, usage: Callable[[], Iterable[tuple[str, Mapping[str, int], int]]]) -> None:
         """Export each API key's usage, read from ``usage`` at every scrape: the key's name
@@ -247,43 +257,30 @@ class Metrics:
 
     def stats(self) -> dict[str, Any]:
         """The ``/stats`` summary (seed field names) with a per-model breakdown."""
+        return summarize(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``/stats`` is computed from, as JSON values: what a worker sends its siblings."""
         with self._lock:
-            total, failed = self._total, self._failed
-            latencies = np.fromiter(self._latencies, dtype=np.float64)
-            latency_sum = self._latency_sum
-            per_model = {k: list(v) for k, v in self._per_model.items()}
-        uptime = time.time() - self.started
-        if len(latencies):
-            p50, p95, p99 = (float(x) * 1000 for x in np.percentile(latencies, [50, 95, 99]))
-        else:
-            p50 = p95 = p99 = 0.0
-        return {
-            "uptime_seconds": round(uptime, 3),
-            "total_requests": total,
-            "successful_requests": total - failed,
-            "failed_requests": failed,
-            "success_rate": round(100.0 * (total - failed) / total, 3) if total else 100.0,
-            "average_latency_ms": round(1000 * latency_sum / total, 3) if total else 0.0,
-            "p50_latency_ms": round(p50, 3),
-            "p95_latency_ms": round(p95, 3),
-            "p99_latency_ms": round(p99, 3),
-            "requests_per_second": round(total / uptime, 3) if uptime > 0 else 0.0,
-            "latency_window": len(latencies),
-            "models": {
-                name: {
-                    "total_requests": int(n),
-                    "failed_requests": int(bad),
-                    "average_latency_ms": round(1000 * s / n, 3) if n else 0.0,
-                }
-                for name, (n, bad, s, _) in per_model.items()
-            },
-            # For live views (the web page's dashboard); added after the seed's fields.
-            "queue_depth": dict(self.queue_probe()) if self.queue_probe is not None else {},
-            "batch_sizes": self._batch_sizes(),
-            "requests_by_status": self._by_status(),
-            "errors_by_code": self._errors_by_code(),
-            "models_loaded": self._models_loaded(),
-        }
+            snapshot: dict[str, Any] = {
+                "pid": os.getpid(),
+                "started": self.started,
+                "total": self._total,
+                "failed": self._failed,
+                "latency_sum": self._latency_sum,
+                "latencies": list(self._latencies),
+                "per_model": {k: list(v) for k, v in self._per_model.items()},
+            }
+        # In multiprocess mode these read this worker's own values (its children's mmap
+        # files); the merge adds the siblings'.
+        snapshot.update(
+            queue_depth=dict(self.queue_probe()) if self.queue_probe is not None else {},
+            batch_sizes=self._batch_sizes(),
+            requests_by_status=self._by_status(),
+            errors_by_code=self._errors_by_code(),
+            models_loaded=self._models_loaded(),
+        )
+        return snapshot
 
     def _batch_sizes(self) -> dict[str, int]:
         """Batches run so far by size bucket ("1", "2", "3-4", ... ">512"), all models."""
@@ -327,6 +324,117 @@ class Metrics:
             for sample in family.samples
             if sample.value == 1
         ]
+
+
+def merge_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One snapshot of several workers: counts added up, latency windows joined, the
+    earliest start kept (so requests per second are the whole server's), and each worker's
+    own request count under ``workers``."""
+    per_model: dict[str, list[float]] = {}
+    queue: dict[str, int] = {}
+    sums: dict[str, dict[str, int]] = {"batch_sizes": {}, "requests_by_status": {},
+                                       "errors_by_code": {}}  # fmt: skip
+    loaded: dict[tuple[str, str], dict[str, str]] = {}
+    for part in snapshots:
+        for name, counts in part["per_model"].items():
+            into = per_model.setdefault(name, [0, 0, 0.0, 0.0])
+            for i, value in enumerate(counts):
+                into[i] += value
+        for name, depth in part["queue_depth"].items():
+            queue[name] = queue.get(name, 0) + depth
+        for key, totals in sums.items():
+            for name, count in part[key].items():
+                totals[name] = totals.get(name, 0) + count
+        for entry in part["models_loaded"]:
+            loaded[entry["model"], entry["version"]] = entry
+    return {
+        "started": min(part["started"] for part in snapshots),
+        "total": sum(part["total"] for part in snapshots),
+        "failed": sum(part["failed"] for part in snapshots),
+        "latency_sum": sum(part["latency_sum"] for part in snapshots),
+        "latencies": [x for part in snapshots for x in part["latencies"]],
+        "per_model": per_model,
+        "queue_depth": queue,
+        **{key: dict(sorted(totals.items())) for key, totals in sums.items()},
+        "models_loaded": [loaded[key] for key in sorted(loaded)],
+        "workers": [
+            {"worker": part.get("worker", i), "pid": part["pid"], "total_requests": part["total"]}
+            for i, part in enumerate(snapshots)
+        ],
+    }
+
+
+def summarize(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``/stats`` answer of one snapshot (one worker's, or ``merge_stats``' of several)."""
+    total, failed = snapshot["total"], snapshot["failed"]
+    latency_sum = snapshot["latency_sum"]
+    latencies = np.asarray(snapshot["latencies"], dtype=np.float64)
+    uptime = time.time() - snapshot["started"]
+    if len(latencies):
+        p50, p95, p99 = (float(x) * 1000 for x in np.percentile(latencies, [50, 95, 99]))
+    else:
+        p50 = p95 = p99 = 0.0
+    summary = {
+        "uptime_seconds": round(uptime, 3),
+        "total_requests": total,
+        "successful_requests": total - failed,
+        "failed_requests": failed,
+        "success_rate": round(100.0 * (total - failed) / total, 3) if total else 100.0,
+        "average_latency_ms": round(1000 * latency_sum / total, 3) if total else 0.0,
+        "p50_latency_ms": round(p50, 3),
+        "p95_latency_ms": round(p95, 3),
+        "p99_latency_ms": round(p99, 3),
+        "requests_per_second": round(total / uptime, 3) if uptime > 0 else 0.0,
+        "latency_window": len(latencies),
+        "models": {
+            name: {
+                "total_requests": int(n),
+                "failed_requests": int(bad),
+                "average_latency_ms": round(1000 * s / n, 3) if n else 0.0,
+            }
+            for name, (n, bad, s, _) in snapshot["per_model"].items()
+        },
+        # For live views (the web page's dashboard); added after the seed's fields.
+        "queue_depth": dict(snapshot["queue_depth"]),
+        "batch_sizes": dict(snapshot["batch_sizes"]),
+        "requests_by_status": dict(snapshot["requests_by_status"]),
+        "errors_by_code": dict(snapshot["errors_by_code"]),
+        "models_loaded": list(snapshot["models_loaded"]),
+    }
+    if "workers" in snapshot:
+        summary["workers"] = snapshot["workers"]
+    return summary
+
+
+class _Threads:
+    """``tinyserve_threads``: the process's OS threads, counted when scraped."""
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "tinyserve_threads",
+            "OS threads of the server process (event loop, pools, ONNX Runtime).",
+            value=_thread_count(),
+        )
+
+
+class _Workers:
+    """A scrape of several workers: every worker's counters, histograms and gauges added up
+    from their files, then this worker's own readers (process, threads, keys, streams)."""
+
+    def __init__(self, registry: CollectorRegistry, directory: str) -> None:
+        self.registry = registry
+        self.directory = directory
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        shared = list(MultiProcessCollector(None, self.directory).collect())  # type: ignore[no-untyped-call]
+        names = {family.name for family in shared}
+        yield from shared
+        # This worker's file-backed families are in ``shared`` already (under their names).
+        yield from (family for family in self.registry.collect() if family.name not in names)
 
 
 def _bucket_names() -> list[str]:

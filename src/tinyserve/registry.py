@@ -104,6 +104,9 @@ class LoadedModel:
                 "max_delay_ms": self.batcher.config.max_delay_ms,
                 "max_queue": self.batcher.config.max_queue,
                 "timeout_s": self.batcher.config.timeout_s,
+                # The largest batch run: max_batch_size, or the best size learned at warm-up.
+                "batch_limit": self.batcher.batch_limit,
+                "throughput_curve": {str(n): round(v, 1) for n, v in self.batcher.curve.items()},
             },
             "num_classes": self.manifest.num_classes,
             "labels": list(self.manifest.labels),
@@ -328,7 +331,12 @@ class ModelRegistry:
         batcher = Batcher(engine.infer, batching, label, observer)
         batcher.start()
         # Warm the inference thread itself: the first run on a new thread is slow.
-        await batcher.warmup(np.zeros(engine.manifest.input.shape, dtype=np.uint8))
+        pixels = np.zeros(engine.manifest.input.shape, dtype=np.uint8)
+        await batcher.warmup(pixels)
+        if batching.learn_batch_size:
+            size = await batcher.learn_batch_size(pixels)
+            curve = ", ".join(f"{n}: {ips:,.0f}" for n, ips in batcher.curve.items())
+            log.info("%s batches up to %d (images/s by batch size: %s)", label, size, curve)
         fingerprint = await asyncio.to_thread(_fingerprint, path, engine.manifest.labels)
         return LoadedModel(name, version, path, engine, batcher, fingerprint=fingerprint)
 

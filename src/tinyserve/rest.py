@@ -11,10 +11,13 @@ in docs/api.md.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+
+import orjson
 
 from tinyserve import __version__
 from tinyserve import openapi as schemas
@@ -22,15 +25,24 @@ from tinyserve.asgi import Call, Reply, json_reply
 from tinyserve.batcher import Ticket
 from tinyserve.classify import Item, Results, prediction_dicts
 from tinyserve.context import ServingContext
-from tinyserve.errors import InvalidParameter, ModelNotFound, PayloadTooLarge, TinyServeError
+from tinyserve.errors import (
+    ConfigError,
+    InvalidParameter,
+    ModelError,
+    ModelNotFound,
+    PayloadTooLarge,
+    TinyServeError,
+)
 from tinyserve.http_errors import error_body
-from tinyserve.metrics import PROMETHEUS_CONTENT_TYPE
+from tinyserve.metrics import PROMETHEUS_CONTENT_TYPE, merge_stats, summarize
 from tinyserve.production import classify_request, served_fields, served_headers
 from tinyserve.registry import LoadedModel
 from tinyserve.requests import Parsed, parse_body, version_param
 from tinyserve.routes import Route
 
 __all__ = ["REST_ROUTES", "SERVICE"]
+
+log = logging.getLogger("tinyserve")
 
 SERVICE = "tinyserve"
 BatchShape = Callable[[Results, float], dict[str, Any]]
@@ -277,11 +289,8 @@ async def ready(context: ServingContext, call: Call) -> Reply:
 async def metrics(context: ServingContext, call: Call) -> Reply:
     """Prometheus text; seed 002's JSON summary for a client that accepts only JSON."""
     if _wants_json(call.headers.get("accept", "")):
-        return json_reply(context.metrics.stats())
-    registry = context.registry
-    for name in registry.names:
-        depth = sum(m.batcher.depth for m in registry.versions(name))
-        context.metrics.queue_depth.labels(name).set(depth)
+        return await stats(context, call)
+    context.publish_queue_depths()
     return Reply(200, context.metrics.exposition(), None, PROMETHEUS_CONTENT_TYPE.encode())
 
 
@@ -291,7 +300,20 @@ def _wants_json(accept: str) -> bool:
 
 
 async def stats(context: ServingContext, call: Call) -> Reply:
-    return json_reply(context.metrics.stats())
+    """The server's request statistics; with several workers, all of theirs added up."""
+    if context.peers is None:
+        return json_reply(context.metrics.stats())
+    snapshot = context.metrics.snapshot()
+    snapshot["worker"] = context.peers.index
+    if context.peers.is_forwarded(call.headers):
+        return json_reply(snapshot)  # a sibling adds it to its own
+    parts = [snapshot]
+    for answer in await context.on_siblings(call):
+        if answer.status == 200:
+            parts.append(orjson.loads(answer.body))
+        else:  # a worker being replaced: the others' figures still answer
+            log.warning("/stats without worker %d: %s", answer.worker, answer.body[:200])
+    return json_reply(summarize(merge_stats(parts)))
 
 
 # -- admin --------------------------------------------------------------------------------
@@ -307,6 +329,7 @@ async def reload(context: ServingContext, call: Call) -> Reply:
         loaded = await registry.load(name)
     except TinyServeError as exc:
         raise type(exc)(f"{exc.message}; the previous version keeps serving") from exc
+    await _everywhere(context, call, ModelError)
     return json_reply(
         {
             "message": "Model reloaded successfully",  # seed 002
@@ -319,7 +342,24 @@ async def reload(context: ServingContext, call: Call) -> Reply:
 
 async def reload_keys(context: ServingContext, call: Call) -> Reply:
     """Re-read the API key file: a revoked key stops working with this answer."""
-    return json_reply({"message": "API keys reloaded", "keys": context.reload_keys()})
+    keys = context.reload_keys()
+    await _everywhere(context, call, ConfigError)
+    return json_reply({"message": "API keys reloaded", "keys": keys})
+
+
+async def _everywhere(context: ServingContext, call: Call, error: type[TinyServeError]) -> None:
+    """Repeat an admin call that this worker has done on the other workers, if any; raises
+    ``error`` with the first failure's message, since the server now disagrees with itself."""
+    for answer in await context.on_siblings(call):
+        if answer.status != 200:
+            try:
+                message = orjson.loads(answer.body)["error"]["message"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                message = answer.body.decode("utf-8", "replace")[:500]
+            raise error(
+                f"this worker succeeded, but worker {answer.worker} answered "
+                f"{answer.status or 'nothing'}: {message}; repeat the call"
+            )
 
 
 # -- the table ----------------------------------------------------------------------------

@@ -112,6 +112,7 @@ class RunConfig:
     replica_cpus: float = 1.0
     allow_anonymous: bool = False  # a non-loopback host without API keys, and no warning
     client_timeout_s: float = 10.0  # for a request's headers, and between reads of its body
+    workers: str = "1"  # processes serving the port: a number, or "auto" (cli.workers)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -128,6 +129,9 @@ class RunConfig:
             raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if self.client_timeout_s <= 0:
             raise ValueError(f"client_timeout_s must be positive, got {self.client_timeout_s}")
+        counted = self.workers.isascii() and self.workers.isdigit() and int(self.workers) >= 1
+        if self.workers != "auto" and not counted:
+            raise ValueError(f"workers must be a number >= 1 or 'auto', got {self.workers!r}")
 
 
 def _owner(part: str) -> type[Any]:
@@ -256,6 +260,12 @@ SETTINGS: tuple[Setting, ...] = (
         "its first image (0: take what is queued).", _BATCHING,
     ),
     Setting(
+        "learn_batch_size", bool, "batching.learn_batch_size", "Measure each model's images/s "
+        "at batch sizes 1, 2, 4 ... --max-batch-size at warm-up, and batch at most to the "
+        "smallest size within 5 % of the fastest (for models that slow down in big batches).",
+        _BATCHING,
+    ),
+    Setting(
         "max_queue", int, "batching.max_queue", "Queued images per model before 503.", _BATCHING
     ),
     Setting(
@@ -297,6 +307,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("host", str, "run.host", "Address to bind; 0.0.0.0 exposes the server.", _HTTP),
     Setting("port", int, "run.port", "Port to bind.", _HTTP),
+    Setting(
+        "workers", str, "run.workers", "Processes serving the port, each with its own models "
+        "and batchers (one core of Python each); auto: one per core when the models take "
+        "under 2 ms per image, else 1. Reloads, /metrics and /stats cover every worker.",
+        _HTTP,
+    ),
     Setting(
         "admin_token", str, "admin_token", "Enables /admin routes; callers send 'Authorization: "
         "Bearer TOKEN'. At least 8 characters.", _HTTP, shown_default="no /admin routes",

@@ -198,7 +198,7 @@ class Connection:
             writer.write(data)
             if writer.transport.get_write_buffer_size() > 65536:
                 await writer.drain()
-            status, body, keep_alive = await _read_response(reader)
+            status, body, keep_alive = await read_response(reader)
         except asyncio.LimitOverrunError as exc:
             self.abort()
             raise ProtocolError("a response line is longer than 64 KiB") from exc
@@ -225,7 +225,7 @@ class Connection:
                 pass
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.") or len(head) < 12:
         raise ProtocolError(f"not an HTTP/1.x response: {head[:40]!r}")

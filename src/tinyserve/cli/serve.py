@@ -39,12 +39,8 @@ def serve(context: typer.Context, **params: Any) -> None:
     (MODEL_PATH, LABELS_PATH, TOP_K, NUM_THREADS).
     """
     import logging
-    import signal
 
-    import uvicorn
-
-    from tinyserve.app import create_app
-    from tinyserve.cli.protocol import bounded_protocol
+    from tinyserve.cli.workers import run_server
 
     given = {n: v for n, v in params.items() if _from_command_line(context, n)}
     config, run = serve_config(given)
@@ -57,22 +53,9 @@ def serve(context: typer.Context, **params: Any) -> None:
 
         ray_serve.run(config, run)
         return
-    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op
-    # handler here makes a drained shutdown exit 0, as process managers expect.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    app = create_app(config)
-    uvicorn.run(
-        app,
-        host=run.host,
-        port=run.port,
-        loop="auto",
-        http=bounded_protocol(run.client_timeout_s, app.refusal),  # httptools, 431/408, early 503
-        ws="none",  # no WebSocket routes; spares importing a WebSocket implementation
-        access_log=False,
-        log_level=run.log_level,
-        timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
-        server_header=False,
-    )
+    status = run_server(config, run)
+    if status:
+        raise typer.Exit(status)
 
 
 def serve_config(
