@@ -93,6 +93,13 @@ class Session(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+class Runnable(Protocol):
+    """Anything that runs a model as an ``Engine`` does: uint8 pixels in, logits out (a
+    PyTorch module measured beside the engines, in ``tinyserve evaluate --compare --torch``)."""
+
+    def infer(self, batch: Pixels) -> Logits: ...
+
+
 @dataclass(slots=True)  # not frozen: a frozen field costs a setattr call, 5 per request
 class Prediction:
     label: str
