@@ -142,3 +142,22 @@ def test_litert_conversion_float_and_int8(model_dir: Path, int8: bool) -> None:
     size = result.path.stat().st_size
     onnx_size = (BUNDLED_MODEL / "1" / "model.onnx").stat().st_size
     assert size < onnx_size / 3 if int8 else size > onnx_size / 2
+
+
+def test_convert_command_writes_and_refuses(model_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tinyserve.cli import app
+
+    runner = CliRunner()
+    args = ["convert", "openvino", str(model_dir), "--parent", "1", "--data", "none"]
+    result = runner.invoke(app, [*args, "--samples", str(SAMPLES)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {model_dir / '3' / 'model.xml'}" in result.output
+    assert "top-1 identical" in result.output
+    refused = runner.invoke(app, [*args, "--tolerance", "1e-12"])
+    if "largest probability difference 0.00e+00" not in str(refused.exception):
+        assert refused.exit_code != 0 and "fails the parity check" in str(refused.exception)
+    assert list_versions(model_dir) == [1, 2, 3]
+    help_text = runner.invoke(app, ["convert", "litert", "--help"]).output
+    assert "--int8" in help_text and "--converter-python" in help_text

@@ -4,8 +4,9 @@ agreement, latency, throughput and memory.
 Each row is a version on a runtime, measured the way it will be served: accuracy and top-1
 agreement with the reference row (the lowest version on its own runtime, normally the FP32
 export on ONNX Runtime) on the test set, batch-1 latency percentiles, throughput at larger
-batches for each thread count asked for, and the peak resident memory the row added to the
-process (VmHWM, reset before it loads, less the RSS before it). ``runtimes`` picks the rows:
+batches for each thread count asked for, and peak memory: the peak RSS (VmHWM) of a fresh
+Python process that loads only that row and runs 32-image batches on it (in one process, a
+row's figure would depend on what earlier rows left allocated). ``runtimes`` picks the rows:
 ``auto`` (each version on its own format's runtime), a runtime name, or ``all`` (every
 runtime that can read the version's files). Callers may add rows of their own
 (``Candidate``): ``tinyserve evaluate --compare --torch`` adds PyTorch eager and TorchScript.
@@ -15,9 +16,11 @@ and an accuracy-versus-latency PNG.
 
 from __future__ import annotations
 
-import gc
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from tinyserve.bench.model import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from tinyserve.bench.model import peak_rss_bytes
 from tinyserve.datasets import ImageDataset
 from tinyserve.engine import (
     READS,
@@ -95,6 +98,8 @@ class Candidate:
     method: str
     bytes: int
     load: Callable[[int], Runnable]
+    # Python code that loads this row alone and calls ``memory_probe(model, shape)``.
+    probe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class VersionRow:
     agreement: float
     speeds: list[Speed] = field(default_factory=list)
     runtime: str = "onnxruntime"
-    peak_rss_mb: float = 0.0  # what loading and running this row added to the process
+    peak_rss_mb: float | None = None  # a fresh process running only this row
 
 
 @dataclass(frozen=True)
@@ -151,9 +156,6 @@ def compare(
         for item in candidates:
             label = f"v{item.version} {item.runtime}"
             bar.describe(f"{label}: accuracy")
-            gc.collect()
-            baseline = current_rss_bytes()
-            reset_peak_rss()
             try:
                 model = item.load(max(config.threads))
             except ModelError as exc:  # e.g. an op this runtime does not implement
@@ -179,7 +181,7 @@ def compare(
                     agreement=round(float((predicted == reference_predictions).mean()), 6),
                     speeds=speeds,
                     runtime=item.runtime,
-                    peak_rss_mb=round(max(peak_rss_bytes() - baseline, 0) / 2**20, 1),
+                    peak_rss_mb=measure_memory(item.probe) if item.probe else None,
                 )
             )
     return Comparison(
@@ -217,7 +219,37 @@ def candidate(path: Path, version: int, runtime: str) -> Candidate:
     def load(threads: int) -> Engine:
         return Engine(file, EngineConfig(intra_op_threads=threads, spin=True, runtime=runtime))
 
-    return Candidate(version, runtime, _method(path), model_bytes(file), load)
+    probe = (
+        "from tinyserve.compare import memory_probe\n"
+        "from tinyserve.engine import Engine, EngineConfig\n"
+        f"engine = Engine({str(file)!r}, EngineConfig(runtime={runtime!r}))\n"
+        "memory_probe(engine, engine.manifest.input.shape)\n"
+    )
+    return Candidate(version, runtime, _method(path), model_bytes(file), load, probe)
+
+
+def memory_probe(model: Runnable, shape: tuple[int, ...], runs: int = 20) -> None:
+    """Run ``model`` on 32-image batches and print this process's peak RSS in MB (the end of
+    a ``Candidate.probe``)."""
+    batch = np.zeros((32, *shape), dtype=np.uint8)
+    for _ in range(runs):
+        model.infer(batch)
+    print(round(peak_rss_bytes() / 2**20, 1))
+
+
+def measure_memory(probe: str) -> float | None:
+    """Peak RSS in MB of a fresh Python running ``probe``; None if it fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        return float(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return None
 
 
 def cpu_name() -> str:
@@ -267,9 +299,10 @@ def to_markdown(comparison: Comparison) -> str:
         f"# {comparison.model}: versions compared",
         "",
         f"{comparison.samples:,} images of {comparison.dataset}; agreement is top-1 "
-        f"agreement with the first row; latency is batch 1; peak RSS is what a row added to "
-        f"the process; {comparison.cores} core(s) of {comparison.cpu or 'an unnamed CPU'} "
-        f"available; all rows measured in one run, {comparison.measured_at}.",
+        f"agreement with the first row; latency is batch 1; peak RSS is that of a fresh "
+        f"process running only that row at batch 32; {comparison.cores} core(s) of "
+        f"{comparison.cpu or 'an unnamed CPU'} available; all rows measured in one run, "
+        f"{comparison.measured_at}.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|",
@@ -284,7 +317,7 @@ def to_markdown(comparison: Comparison) -> str:
             f"{row.accuracy:.2%}",
             f"{(row.accuracy - ref.accuracy) * 100:+.2f}",
             f"{row.agreement:.2%}",
-            f"{row.peak_rss_mb:.1f}",
+            "" if row.peak_rss_mb is None else f"{row.peak_rss_mb:.0f}",
         ]
         for speed in row.speeds:
             cells += [f"{speed.latency_ms['p50']:.3f}", f"{speed.latency_ms['p99']:.3f}"]

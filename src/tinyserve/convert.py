@@ -236,7 +236,7 @@ def litert_python(given: str | None) -> str:
         return sys.executable
     raise RuntimeUnavailable(
         "converting to LiteRT needs litert-torch, which this environment does not have (it "
-        "pins typing_extensions 4.12.2 and brings jax, so it lives in an environment of its "
+        "needs typing-extensions<4.13 and brings jax, so it lives in an environment of its "
         "own): python3 -m venv .venv-litert && .venv-litert/bin/pip install torch==2.13.0 "
         "litert-torch onnx, then pass --converter-python .venv-litert/bin/python (or set "
         f"{LITERT_PYTHON_ENV})"

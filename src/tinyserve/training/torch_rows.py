@@ -31,7 +31,8 @@ class TorchModel:
     """A PyTorch module run like an engine, on ``threads`` intra-op threads."""
 
     def __init__(self, module: nn.Module, threads: int) -> None:
-        torch.set_num_threads(threads)
+        if threads:  # 0: torch's default, all cores
+            torch.set_num_threads(threads)
         self.module = module
 
     def infer(self, batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
@@ -64,7 +65,20 @@ def torch_candidates(onnx_path: Path, version: int, checkpoint: Path | None) -> 
     def load(module: nn.Module) -> Callable[[int], TorchModel]:
         return lambda threads: TorchModel(module, threads)
 
+    def probe(index: int) -> str:
+        return (
+            "from pathlib import Path\n"
+            "from tinyserve.compare import memory_probe\n"
+            "from tinyserve.training.torch_rows import torch_candidates\n"
+            f"rows = torch_candidates(Path({str(onnx_path)!r}), {version}, "
+            f"{None if checkpoint is None else str(checkpoint)!r})\n"
+            f"memory_probe(rows[{index}].load(0), {tuple(manifest.input.shape)!r})\n"
+        )
+
     return [
-        Candidate(version, "pytorch eager", f"fp32 ({origin})", size, load(eager)),
-        Candidate(version, "torchscript", "fp32 (traced, frozen)", buffer.tell(), load(scripted)),
-    ]
+        Candidate(version, "pytorch eager", f"fp32 ({origin})", size, load(eager), probe(0)),
+        Candidate(
+            version, "torchscript", "fp32 (traced, frozen)", buffer.tell(), load(scripted),
+            probe(1),
+        ),
+    ]  # fmt: skip
