@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tinyserve.cli import app
-from tinyserve.compare import CompareConfig, compare, write_outputs
+from tinyserve.compare import CompareConfig, compare, to_markdown, write_outputs
 from tinyserve.quantize import QuantizeConfig, quantize
 
 
@@ -96,3 +96,43 @@ def test_compare_needs_versions(tmp_path: Path) -> None:
         compare(CompareConfig(tmp_path))
     with pytest.raises(ValueError, match="thread counts"):
         CompareConfig(tmp_path, threads=(0,))
+
+
+def test_rows_per_runtime_and_pytorch(two_versions: Path, image_folder: Path) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from tinyserve.convert import ConvertConfig, convert
+    from tinyserve.training.torch_rows import torch_candidates
+
+    ir = convert(ConvertConfig(two_versions, "openvino", parent=1, samples=(image_folder,)))
+    assert ir.version == 3
+    config = CompareConfig(
+        two_versions,
+        data=str(image_folder),
+        threads=(1,),
+        batch_sizes=(4,),
+        latency_runs=3,
+        throughput_images=8,
+        runtimes=("all",),
+    )
+    extra = torch_candidates(two_versions / "1" / "model.onnx", 1, None)
+    result = compare(config, extra=extra)
+    rows = {(r.version, r.runtime): r for r in result.rows}
+    assert {(1, "onnxruntime"), (1, "openvino"), (2, "onnxruntime"), (3, "openvino")} <= set(rows)
+    assert (1, "pytorch eager") in rows and (1, "torchscript") in rows
+    assert rows[(3, "openvino")].method == "openvino fp32"
+    assert rows[(3, "openvino")].bytes == sum(
+        (two_versions / "3" / f).stat().st_size for f in ("model.xml", "model.bin")
+    )
+    for key in ((1, "openvino"), (3, "openvino"), (1, "pytorch eager"), (1, "torchscript")):
+        assert rows[key].agreement == 1.0, key  # float runtimes agree with ONNX Runtime
+    # Every discovered (version, runtime) is either measured or said not to be.
+    assert len(result.rows) + len(result.skipped) == 7
+    # A fresh process per row: the interpreter, NumPy and the runtime are at least 20 MB.
+    assert all(r.peak_rss_mb is not None and r.peak_rss_mb > 20 for r in result.rows), [
+        (r.runtime, r.peak_rss_mb) for r in result.rows
+    ]
+    assert result.cpu
+    markdown = to_markdown(result)
+    assert "| 1 | torchscript |" in markdown and "peak RSS MB" in markdown
+    with pytest.raises(ValueError, match="runtimes must be among"):
+        CompareConfig(two_versions, runtimes=("tensorflow",))

@@ -99,7 +99,7 @@ def test_each_mode_writes_a_loadable_version_with_lineage(
     pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     logits = engine.infer(pixels)
     assert logits.shape == (3, 3) and logits.dtype == np.float32
-    assert engine.session.get_outputs()[0].type == "tensor(float)"
+    assert engine.session.session.get_outputs()[0].type == "tensor(float)"  # the ORT session
 
     source = read_manifest(result.path).source
     assert source["parent_version"] == 1 and "parity" not in source

@@ -41,7 +41,7 @@ def test_resolve_takes_the_highest_version_unless_pinned(repo: Path) -> None:
 def test_resolve_errors_name_what_exists(repo: Path) -> None:
     with pytest.raises(ModelNotFound, match="available: 1, 2, 5"):
         resolve(repo / "colors", version=3)
-    with pytest.raises(ModelNotFound, match="neither an .onnx file nor a model folder"):
+    with pytest.raises(ModelNotFound, match="neither a model file nor a model folder"):
         resolve(repo / "empty")
     (repo / "colors" / "config.toml").write_text("version = 'latest'\n")
     with pytest.raises(ConfigError, match="positive integer"):

@@ -1,15 +1,28 @@
-"""Compare every version of a model: size, accuracy, agreement, latency and throughput.
+"""Compare every version of a model, on every runtime that reads it: size, accuracy,
+agreement, latency, throughput and memory.
 
-Each version is measured through ONNX Runtime the way it will be served: accuracy and top-1
-agreement with the reference version (the lowest, normally the FP32 export) on the test set,
-batch-1 latency percentiles, and throughput at larger batches, for each intra-op thread
-count asked for. The result is written as Markdown, JSON and an accuracy-versus-latency PNG.
+Each row is a version on a runtime, measured the way it will be served: accuracy and top-1
+agreement with the reference row (the lowest version on its own runtime, normally the FP32
+export on ONNX Runtime) on the test set, batch-1 latency percentiles, throughput at larger
+batches for each thread count asked for, and peak memory: the peak RSS (VmHWM) of a fresh
+Python process that loads only that row and runs 32-image batches on it (in one process, a
+row's figure would depend on what earlier rows left allocated). ``runtimes`` picks the rows:
+``auto`` (each version on its own format's runtime), a runtime name, or ``all`` (every
+runtime that can read the version's files). Callers may add rows of their own
+(``Candidate``): ``tinyserve evaluate --compare --torch`` adds PyTorch eager and TorchScript.
+All rows are measured in one run, so they compare. The result is written as Markdown, JSON
+and an accuracy-versus-latency PNG.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,13 +30,22 @@ from typing import Any
 
 import numpy as np
 
+from tinyserve.bench.model import peak_rss_bytes
 from tinyserve.datasets import ImageDataset
-from tinyserve.engine import Engine, EngineConfig, available_cores
-from tinyserve.errors import ModelNotFound
+from tinyserve.engine import (
+    READS,
+    RUNTIMES,
+    Engine,
+    EngineConfig,
+    Runnable,
+    available_cores,
+    select_file,
+)
+from tinyserve.errors import ModelError, ModelNotFound
 from tinyserve.evaluate import batch1_latency, evaluation_set, predict_classes
 from tinyserve.imaging import Pixels
-from tinyserve.manifest import read_manifest
-from tinyserve.repository import list_versions, version_path
+from tinyserve.manifest import Manifest, read_manifest
+from tinyserve.repository import list_versions, model_bytes, sibling, version_path
 
 OUTPUT_NAMES = ("compare.md", "compare.json", "compare.png")
 
@@ -40,8 +62,14 @@ class CompareConfig:
     latency_runs: int = 300
     throughput_images: int = 8192
     max_samples: int | None = None
+    runtimes: tuple[str, ...] = ("auto",)  # engine.RUNTIMES, or "all"
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.runtimes) - {*RUNTIMES, "all"})
+        if not self.runtimes or unknown:
+            raise ValueError(
+                f"runtimes must be among {', '.join((*RUNTIMES, 'all'))}, got {unknown or '()'}"
+            )
         if not self.threads or any(t < 1 for t in self.threads):
             raise ValueError(f"thread counts must be at least 1, got {self.threads}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -62,6 +90,19 @@ class Speed:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """One row to measure: ``load(threads)`` gives the model ready to run."""
+
+    version: int
+    runtime: str
+    method: str
+    bytes: int
+    load: Callable[[int], Runnable]
+    # Python code that loads this row alone and calls ``memory_probe(model, shape)``.
+    probe: str | None = None
+
+
+@dataclass(frozen=True)
 class VersionRow:
     version: int
     method: str
@@ -69,6 +110,8 @@ class VersionRow:
     accuracy: float
     agreement: float
     speeds: list[Speed] = field(default_factory=list)
+    runtime: str = "onnxruntime"
+    peak_rss_mb: float | None = None  # a fresh process running only this row
 
 
 @dataclass(frozen=True)
@@ -80,13 +123,17 @@ class Comparison:
     cores: int
     rows: list[VersionRow]
     measured_at: str
+    cpu: str = ""
+    skipped: list[str] = field(default_factory=list)  # rows whose runtime cannot run them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
 
-def compare(config: CompareConfig, progress: bool = False) -> Comparison:
-    """Measure every version of ``config.model_dir``."""
+def compare(
+    config: CompareConfig, progress: bool = False, extra: Sequence[Candidate] = ()
+) -> Comparison:
+    """Measure every version of ``config.model_dir`` on its runtimes, then ``extra``."""
     versions = list_versions(config.model_dir)
     if not versions:
         raise ModelNotFound(f"{config.model_dir} has no versions (<version>/model.onnx)")
@@ -95,32 +142,46 @@ def compare(config: CompareConfig, progress: bool = False) -> Comparison:
     test = evaluation_set(manifest, config.data, config.data_dir)
     if config.max_samples is not None and config.max_samples < len(test):
         test = test.subset(np.arange(config.max_samples))
-    steps = len(versions) * (1 + len(config.threads))
+    candidates = [
+        candidate(version_path(config.model_dir, v), v, runtime)
+        for v in versions
+        for runtime in runtimes_for(version_path(config.model_dir, v), config.runtimes)
+    ]
+    candidates += extra
+    steps = len(candidates) * (1 + len(config.threads))
     rows: list[VersionRow] = []
+    skipped: list[str] = []
     with _Steps(progress, steps) as bar:
         reference_predictions: np.ndarray | None = None
-        for version in versions:
-            path = version_path(config.model_dir, version)
-            bar.describe(f"v{version}: accuracy")
-            engine = Engine(path, EngineConfig(intra_op_threads=max(config.threads), spin=True))
-            predicted = predict_classes(engine, test)
-            del engine
+        for item in candidates:
+            label = f"v{item.version} {item.runtime}"
+            bar.describe(f"{label}: accuracy")
+            try:
+                model = item.load(max(config.threads))
+            except ModelError as exc:  # e.g. an op this runtime does not implement
+                skipped.append(f"v{item.version} on {item.runtime}: {exc.message}")
+                bar.advance(1 + len(config.threads))
+                continue
+            predicted = predict_classes(model, test)
+            del model
             if reference_predictions is None:
                 reference_predictions = predicted
             bar.advance()
             speeds = []
             for threads in config.threads:
-                bar.describe(f"v{version}: speed, {threads} thread(s)")
-                speeds.append(_speed(path, threads, test, config))
+                bar.describe(f"{label}: speed, {threads} thread(s)")
+                speeds.append(_speed(item.load(threads), threads, test, config))
                 bar.advance()
             rows.append(
                 VersionRow(
-                    version=version,
-                    method=_method(path),
-                    bytes=path.stat().st_size,
+                    version=item.version,
+                    method=item.method,
+                    bytes=item.bytes,
                     accuracy=round(float((predicted == test.labels).mean()), 6),
                     agreement=round(float((predicted == reference_predictions).mean()), 6),
                     speeds=speeds,
+                    runtime=item.runtime,
+                    peak_rss_mb=measure_memory(item.probe) if item.probe else None,
                 )
             )
     return Comparison(
@@ -131,10 +192,79 @@ def compare(config: CompareConfig, progress: bool = False) -> Comparison:
         cores=available_cores(),
         rows=rows,
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        cpu=cpu_name(),
+        skipped=skipped,
     )
 
 
-def throughput(engine: Engine, images: Pixels, batch_size: int, total_images: int) -> float:
+def runtimes_for(path: Path, wanted: tuple[str, ...]) -> list[str]:
+    """The runtimes to measure the version at ``path`` on: ``auto`` is the runtime of its
+    own format, ``all`` every runtime that reads one of its files."""
+    found: list[str] = []
+    for choice in wanted:
+        names = [r for r in RUNTIMES if r != "auto"] if choice == "all" else [choice]
+        for name in names:
+            if name == "auto":
+                name = select_file(path, "auto")[0]
+            readable = any(sibling(path, fmt) is not None for fmt in READS[name])
+            if readable and name not in found:
+                found.append(name)
+    return found
+
+
+def candidate(path: Path, version: int, runtime: str) -> Candidate:
+    """A row for the version at ``path`` run by ``runtime``."""
+    _, file = select_file(path, runtime)
+
+    def load(threads: int) -> Engine:
+        return Engine(file, EngineConfig(intra_op_threads=threads, spin=True, runtime=runtime))
+
+    probe = (
+        "from tinyserve.compare import memory_probe\n"
+        "from tinyserve.engine import Engine, EngineConfig\n"
+        f"engine = Engine({str(file)!r}, EngineConfig(runtime={runtime!r}))\n"
+        "memory_probe(engine, engine.manifest.input.shape)\n"
+    )
+    return Candidate(version, runtime, _method(path), model_bytes(file), load, probe)
+
+
+def memory_probe(model: Runnable, shape: tuple[int, ...], runs: int = 20) -> None:
+    """Run ``model`` on 32-image batches and print this process's peak RSS in MB (the end of
+    a ``Candidate.probe``)."""
+    batch = np.zeros((32, *shape), dtype=np.uint8)
+    for _ in range(runs):
+        model.infer(batch)
+    print(round(peak_rss_bytes() / 2**20, 1))
+
+
+def measure_memory(probe: str) -> float | None:
+    """Peak RSS in MB of a fresh Python running ``probe``; None if it fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        return float(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return None
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def throughput(engine: Runnable, images: Pixels, batch_size: int, total_images: int) -> float:
     """Images per second running batches of ``batch_size``, after two warm-up batches."""
     batch = np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])))
     for _ in range(2):
@@ -157,38 +287,44 @@ def write_outputs(comparison: Comparison, out: Path) -> list[Path]:
 
 
 def to_markdown(comparison: Comparison) -> str:
-    ref = next(r for r in comparison.rows if r.version == comparison.reference_version)
+    ref = comparison.rows[0]
     threads = [s.threads for s in comparison.rows[0].speeds]
     batches = list(comparison.rows[0].speeds[0].throughput_ips)
-    head = ["version", "method", "size MB", "size vs ref", "accuracy", "Δ acc pt", "agreement"]
+    head = ["version", "runtime", "method", "size MB", "size vs ref", "accuracy", "Δ acc pt"]
+    head += ["agreement", "peak RSS MB"]
     for t in threads:
         head += [f"p50 ms ({t}t)", f"p99 ms ({t}t)"]
         head += [f"img/s b{b} ({t}t)" for b in batches]
     lines = [
         f"# {comparison.model}: versions compared",
         "",
-        f"{comparison.samples:,} images of {comparison.dataset} through ONNX Runtime; "
-        f"agreement is top-1 agreement with version {comparison.reference_version}; "
-        f"latency is batch 1; {comparison.cores} core(s) available; "
-        f"measured {comparison.measured_at}.",
+        f"{comparison.samples:,} images of {comparison.dataset}; agreement is top-1 "
+        f"agreement with the first row; latency is batch 1; peak RSS is that of a fresh "
+        f"process running only that row at batch 32; {comparison.cores} core(s) of "
+        f"{comparison.cpu or 'an unnamed CPU'} available; all rows measured in one run, "
+        f"{comparison.measured_at}.",
         "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|",
+        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|",
     ]
     for row in comparison.rows:
         cells = [
             str(row.version),
+            row.runtime,
             row.method,
             f"{row.bytes / 1e6:.3f}",
             f"{row.bytes / ref.bytes:.0%}",
             f"{row.accuracy:.2%}",
             f"{(row.accuracy - ref.accuracy) * 100:+.2f}",
             f"{row.agreement:.2%}",
+            "" if row.peak_rss_mb is None else f"{row.peak_rss_mb:.0f}",
         ]
         for speed in row.speeds:
             cells += [f"{speed.latency_ms['p50']:.3f}", f"{speed.latency_ms['p99']:.3f}"]
             cells += [f"{speed.throughput_ips[b]:,.0f}" for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
+    if comparison.skipped:
+        lines += ["", *(f"Not measured: {note}" for note in comparison.skipped)]
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +347,7 @@ def write_png(comparison: Comparison, path: Path) -> None:
         ax_tp.scatter(tp, acc, marker=marker, label=f"{threads} thread(s)")
         for row, x, y in zip(comparison.rows, lat, acc, strict=True):
             ax_lat.annotate(
-                f"v{row.version} {row.method}",
+                f"v{row.version} {row.runtime} {row.method}",
                 (x, y),
                 fontsize=7,
                 xytext=(3, 3),
@@ -238,8 +374,7 @@ def write_png(comparison: Comparison, path: Path) -> None:
     plt.close(fig)
 
 
-def _speed(path: Path, threads: int, test: ImageDataset, config: CompareConfig) -> Speed:
-    engine = Engine(path, EngineConfig(intra_op_threads=threads, spin=True))
+def _speed(engine: Runnable, threads: int, test: ImageDataset, config: CompareConfig) -> Speed:
     latency = batch1_latency(engine, test, config.latency_runs)
     rates = {
         b: round(throughput(engine, test.images, b, config.throughput_images), 1)
@@ -249,7 +384,15 @@ def _speed(path: Path, threads: int, test: ImageDataset, config: CompareConfig) 
 
 
 def _method(path: Path) -> str:
-    source = read_manifest(path).source
+    return method_of(read_manifest(path))
+
+
+def method_of(manifest: Manifest) -> str:
+    """How a version was made: its optimization, its conversion, else its lineage or fp32."""
+    source = manifest.source
+    conversion = source.get("conversion") or {}
+    if conversion.get("format"):
+        return f"{conversion['format']} {conversion.get('precision', 'fp32')}"
     optimization = source.get("optimization") or {}
     if optimization.get("method"):
         return str(optimization["method"])
@@ -288,9 +431,9 @@ class _Steps:
         if self._progress is not None:
             self._progress.update(self._task, description=text)
 
-    def advance(self) -> None:
+    def advance(self, steps: int = 1) -> None:
         if self._progress is not None:
-            self._progress.advance(self._task)
+            self._progress.advance(self._task, steps)
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:

@@ -2,6 +2,7 @@
 
     TinyServeError
     ├── ConfigError              invalid configuration or command-line value
+    │   └── RuntimeUnavailable   a runtime is not installed, or a provider has no device
     ├── DatasetError             a dataset is missing or malformed
     ├── CheckpointError          a checkpoint cannot be read or does not fit
     ├── ModelError               a model file is unusable
@@ -41,6 +42,10 @@ class TinyServeError(Exception):
 
 class ConfigError(TinyServeError):
     code = "invalid_config"
+
+
+class RuntimeUnavailable(ConfigError):
+    code = "runtime_unavailable"
 
 
 class DatasetError(TinyServeError):

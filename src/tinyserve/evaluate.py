@@ -1,5 +1,5 @@
-"""Evaluate an exported model through ONNX Runtime: accuracy, per-class accuracy, confusion
-matrix, latency and size. It measures the artifact that will be served, not a PyTorch module."""
+"""Evaluate an exported model on its runtime: accuracy, per-class accuracy, confusion matrix,
+latency and size. It measures the artifact that will be served, not a PyTorch module."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from tinyserve.datasets import (
     load_dataset,
     load_unlabelled_folder,
 )
-from tinyserve.engine import Engine, EngineConfig
+from tinyserve.engine import RUNTIMES, Engine, EngineConfig, Runnable
 from tinyserve.errors import DatasetError
 from tinyserve.manifest import Manifest
-from tinyserve.repository import resolve
+from tinyserve.repository import model_bytes, resolve
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,13 @@ class EvalConfig:
     batch_size: int = 256
     latency_runs: int = 200
     threads: int = 0
+    runtime: str = "auto"  # engine.RUNTIMES
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.latency_runs < 1:
             raise ValueError("batch_size and latency_runs must be at least 1")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
 
 
 @dataclass
@@ -59,7 +62,9 @@ class EvalReport:
 def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
     """Run the model over the whole evaluation set and time it."""
     ref = resolve(config.target)
-    engine = Engine(ref.path, EngineConfig(intra_op_threads=config.threads, spin=True))
+    engine = Engine(
+        ref.path, EngineConfig(intra_op_threads=config.threads, spin=True, runtime=config.runtime)
+    )
     dataset = evaluation_set(engine.manifest, config.data, config.data_dir)
     started = time.perf_counter()
     predictions = predict_classes(
@@ -77,8 +82,8 @@ def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
     return EvalReport(
         model=ref.name,
         version=ref.version,
-        path=str(ref.path),
-        bytes=ref.path.stat().st_size,
+        path=str(engine.path),
+        bytes=model_bytes(engine.path),
         dataset=dataset.name,
         samples=len(dataset),
         accuracy=float(np.trace(confusion) / len(dataset)),
@@ -89,7 +94,7 @@ def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
     )
 
 
-def batch1_latency(engine: Engine, dataset: ImageDataset, runs: int) -> dict[str, float]:
+def batch1_latency(engine: Runnable, dataset: ImageDataset, runs: int) -> dict[str, float]:
     """p50/p95/p99 of single-image inference, after warm-up."""
     for i in range(min(20, runs)):
         engine.infer(dataset.images[i : i + 1])
@@ -132,7 +137,7 @@ def write_confusion_png(report: EvalReport, path: Path) -> None:
 
 
 def predict_classes(
-    engine: Engine,
+    engine: Runnable,
     dataset: ImageDataset,
     batch_size: int = 256,
     progress: bool = False,

@@ -4,6 +4,9 @@ A tinyserve model takes uint8 pixels shaped ``[N, H, W, C]`` and does the rest o
 preprocessing in its graph. What a server needs to build that input (size, colour mode,
 resize policy) and to name the outputs (labels) is stored in the model's ``metadata_props``
 under the ``tinyserve.*`` keys, so that evaluation and serving read one description.
+
+A model in another format (an OpenVINO IR, a LiteRT flat buffer) carries the same keys in a
+``manifest.json`` beside it (``write_sidecar``), which also says the file and its format.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ SOURCE_KEY = "tinyserve.source"
 TASK_KEY = "tinyserve.task"
 OUTPUTS_KEY = "tinyserve.outputs"
 TASKS = ("classify", "detect")
+SIDECAR = "manifest.json"
 
 COLOR_CHANNELS = {"L": 1, "RGB": 3}
 RESIZE_POLICIES = ("stretch", "crop")
@@ -172,10 +176,61 @@ def write_manifest(model: onnx.ModelProto, manifest: Manifest) -> None:
         prop.key, prop.value = key, value
 
 
+def write_sidecar(
+    folder: Path, manifest: Manifest, fmt: str, file: str, tensors: tuple[str, str]
+) -> Path:
+    """Write ``folder/manifest.json``: the manifest of the ``fmt`` model ``file`` beside it,
+    and the (input, output) tensor names clients use, those of the ONNX model it came from
+    (a converter may rename them: LiteRT calls its input ``serving_default_args_0``)."""
+    path = folder / SIDECAR
+    body = {
+        "format": fmt,
+        "file": file,
+        "tensors": {"input": tensors[0], "output": tensors[1]},
+        "metadata": manifest.to_metadata(),
+    }
+    path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_sidecar(path: Path) -> Manifest:
+    """The manifest of a non-ONNX model file, from the manifest.json beside it."""
+    return Manifest.from_metadata(_sidecar(path)["metadata"], str(path.parent / SIDECAR))
+
+
+def sidecar_tensors(path: Path) -> tuple[str, str] | None:
+    """The (input, output) tensor names the manifest.json beside ``path`` gives, if any."""
+    tensors = _sidecar(path).get("tensors")
+    if isinstance(tensors, dict) and {"input", "output"} <= tensors.keys():
+        return str(tensors["input"]), str(tensors["output"])
+    return None
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    sidecar = path.parent / SIDECAR
+    if not sidecar.is_file():
+        raise ModelError(
+            f"{path} has no {SIDECAR} beside it: a model that is not ONNX needs one (the "
+            "'tinyserve convert' commands write it)"
+        )
+    try:
+        body = json.loads(sidecar.read_text(encoding="utf-8"))
+        metadata = body["metadata"]
+        if not isinstance(metadata, dict):
+            raise TypeError("'metadata' must be an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{sidecar} is not a valid manifest: {exc}") from exc
+    body["metadata"] = {str(k): str(v) for k, v in metadata.items()}
+    return dict(body)
+
+
 def read_manifest(path: str | Path) -> Manifest:
-    """Read the manifest of the ONNX file at ``path`` without loading its weights."""
+    """Read the manifest of the model at ``path`` without loading its weights: from the
+    ONNX metadata, or from manifest.json for any other format."""
     import onnx
 
+    if Path(path).suffix.lower() != ".onnx":
+        return read_sidecar(Path(path))
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises several unrelated types for bad files

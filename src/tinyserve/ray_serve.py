@@ -127,7 +127,7 @@ def repository_state(config: ServerConfig) -> dict[str, Any]:
     folders = _folders(config)
     digest = hashlib.sha256()
     for name, folder in sorted(folders.items()):
-        files = [folder] if folder.is_file() else sorted(folder.glob("*/model.onnx"))
+        files = [folder] if folder.is_file() else sorted(folder.glob("*/model.*"))
         files += sorted(folder.glob("config.toml")) if folder.is_dir() else []
         for path in files:
             stat = path.stat()

@@ -92,6 +92,7 @@ class LoadedModel:
             "state": "ready",
             "loaded_at": self.loaded_at,
             "load_seconds": round(self.engine.load_seconds, 4),
+            "runtime": self.engine.describe(),
             "input": {
                 "name": self.engine.input_name,
                 "dtype": "uint8",
@@ -244,7 +245,7 @@ class ModelRegistry:
             source = self._source(name)
             config, files = model_files(source)
             if not files:
-                raise ModelNotFound(f"{source} holds no <version>/model.onnx")
+                raise ModelNotFound(f"{source} holds no <version>/model.onnx (or another format)")
             rollout = RolloutConfig.parse(config.rollout, f"{source}/config.toml")
             wanted = _versions_to_serve(config, sorted(files), source, rollout)
             if rollout is not None and rollout.fallback is not None:
@@ -259,9 +260,10 @@ class ModelRegistry:
             old = self._models.get(name)
             fresh: dict[int, LoadedModel] = {}
             try:
+                engine_config = _engine_config(self.engine_config, config, source)
                 for version in wanted:
                     fresh[version] = await self._load_version(
-                        name, version, files[version], batching
+                        name, version, files[version], batching, engine_config
                     )
             except BaseException:
                 for loaded in fresh.values():
@@ -321,9 +323,10 @@ class ModelRegistry:
         return self.model_path
 
     async def _load_version(
-        self, name: str, version: int, path: Path, batching: BatchConfig
+        self, name: str, version: int, path: Path, batching: BatchConfig, config: EngineConfig
     ) -> LoadedModel:
-        engine = await asyncio.to_thread(Engine, path, self.engine_config)
+        engine = await asyncio.to_thread(Engine, path, config)
+        path = engine.path  # the file its runtime reads
         if self._labels is not None and self._labels[0] == name:
             engine.manifest = _relabel(engine.manifest, self._labels[1], self.labels_path, path)
         label = f"{name}:{version}"
@@ -343,9 +346,11 @@ class ModelRegistry:
 
 def _fingerprint(path: Path, labels: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
+    weights = path.with_suffix(".bin")  # an OpenVINO IR's
+    for part in (path, weights) if path.suffix == ".xml" and weights.is_file() else (path,):
+        with part.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
     digest.update("\0".join(labels).encode())
     return digest.hexdigest()
 
@@ -383,6 +388,18 @@ def _versions_to_serve(
     if chosen not in available:
         raise ModelNotFound(f"{folder}/config.toml pins version {chosen}, which does not exist")
     return [chosen]
+
+
+def _engine_config(base: EngineConfig, config: ModelConfig, folder: Path) -> EngineConfig:
+    """The server's engine settings with this model's own runtime and provider, if any."""
+    try:
+        return replace(
+            base,
+            runtime=config.runtime or base.runtime,
+            provider=config.provider or base.provider,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{folder}/config.toml: {exc}") from exc
 
 
 def _batch_config(base: BatchConfig, overrides: Mapping[str, Any], folder: Path) -> BatchConfig:

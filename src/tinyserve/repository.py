@@ -6,10 +6,17 @@ served unless ``config.toml`` pins one (``version = 1``); ``versions = "all"`` o
 one with ``?version=N``). A ``[batching]`` table overrides the server's batching settings
 for this model (``max_batch_size``, ``max_delay_ms``, ``max_queue``, ``timeout_s``). The
 rollout keys (``traffic``, ``sticky``, ``shadow``, ``fallback``, ``[canary]``, ``[breaker]``)
-are kept as written; ``rollout.RolloutConfig`` reads them.
+are kept as written; ``rollout.RolloutConfig`` reads them. ``runtime`` and ``provider``
+choose how this model runs (``engine.RUNTIMES``, ``engine.PROVIDERS``), over the server's.
+
+A version folder holds its model in one or more formats (``FORMATS``): ``model.onnx``, an
+OpenVINO IR (``model.xml`` + ``model.bin``) or a LiteRT flat buffer (``model.tflite``). A
+version without ``model.onnx`` carries its manifest in ``manifest.json`` (see
+``manifest.write_sidecar``), which also names the version's own format and file; the runtime
+that serves a version picks the file it reads (``engine.select_file``).
 
 A server may also be given one model instead of a repository (``tinyserve serve --model``):
-a model folder, or a single .onnx file. ``model_name`` and ``model_files`` describe either.
+a model folder, or a single model file. ``model_name`` and ``model_files`` describe either.
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ from tinyserve.errors import ConfigError, ModelError, ModelNotFound
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
+MANIFEST_FILE = "manifest.json"  # the manifest of a version without model.onnx
+# Each format a version may hold, with its file name; the first present is the version's
+# own unless manifest.json names another.
+FORMATS = {"onnx": MODEL_FILE, "openvino": "model.xml", "litert": "model.tflite"}
+SUFFIXES = {".onnx": "onnx", ".xml": "openvino", ".tflite": "litert"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PARTIAL = ".partial-"  # a version being written (staged_version)
 ROLLOUT_KEYS = ("traffic", "sticky", "shadow", "fallback", "canary", "breaker")
@@ -40,6 +52,10 @@ class ModelConfig:
 
     version: int | None = None
     versions: str | tuple[int, ...] = ()
+    # The runtime and ONNX Runtime provider of this model (engine.RUNTIMES, PROVIDERS);
+    # None: the server's (--runtime, --provider).
+    runtime: str | None = None
+    provider: str | None = None
     batching: Mapping[str, Any] = field(default_factory=dict)
     rollout: Mapping[str, Any] = field(default_factory=dict)  # see rollout.RolloutConfig
 
@@ -64,9 +80,14 @@ class ModelConfig:
         batching = data.get("batching", {})
         if not isinstance(batching, dict):
             raise ConfigError(f"{path}: [batching] must be a table")
+        for key in ("runtime", "provider"):
+            if not isinstance(data.get(key, ""), str):
+                raise ConfigError(f"{path}: {key} must be a string, got {data[key]!r}")
         return cls(
             version=version,
             versions=versions if versions == "all" else tuple(versions),
+            runtime=data.get("runtime"),
+            provider=data.get("provider"),
             batching=batching,
             rollout={key: data[key] for key in ROLLOUT_KEYS if key in data},
         )
@@ -97,8 +118,54 @@ def list_versions(model_dir: Path) -> list[int]:
     return sorted(
         int(p.name)
         for p in model_dir.iterdir()
-        if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()
+        if p.name.isdigit() and int(p.name) > 0 and _holds_model(p)
     )
+
+
+def _holds_model(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in FORMATS.values())
+
+
+def format_of(path: Path) -> str:
+    """The format of a model file, from its suffix."""
+    found = SUFFIXES.get(path.suffix.lower())
+    if found is None:
+        raise ModelError(
+            f"{path} is not a model file tinyserve reads (.onnx, OpenVINO .xml or LiteRT .tflite)"
+        )
+    return found
+
+
+def version_file(folder: Path) -> Path:
+    """The model file of a version folder: the one manifest.json names, else the first of
+    ``FORMATS`` present (``model.onnx`` when there is one)."""
+    sidecar = folder / MANIFEST_FILE
+    if sidecar.is_file():
+        try:
+            named = json.loads(sidecar.read_text()).get("file")
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelError(f"{sidecar} is not a valid manifest: {exc}") from exc
+        if isinstance(named, str) and named in FORMATS.values() and (folder / named).is_file():
+            return folder / named
+    for name in FORMATS.values():
+        if (folder / name).is_file():
+            return folder / name
+    return folder / MODEL_FILE
+
+
+def sibling(path: Path, fmt: str) -> Path | None:
+    """The file of format ``fmt`` beside ``path`` (in the same version folder), if any."""
+    candidate = path if format_of(path) == fmt else path.with_name(FORMATS[fmt])
+    return candidate if candidate.is_file() else None
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes on disk of a model: an OpenVINO IR counts its .bin weights with its .xml."""
+    size = path.stat().st_size
+    weights = path.with_suffix(".bin")
+    if path.suffix.lower() == ".xml" and weights.is_file():
+        size += weights.stat().st_size
+    return size
 
 
 def next_version(model_dir: Path) -> int:
@@ -110,19 +177,19 @@ def next_version(model_dir: Path) -> int:
 
 
 def version_path(model_dir: Path, version: int) -> Path:
-    return model_dir / str(version) / MODEL_FILE
+    return version_file(model_dir / str(version))
 
 
 class StagedVersion:
     """A new version being written in a hidden folder beside the versions (see
     ``staged_version``); ``path`` is where its model will be once it is in place."""
 
-    def __init__(self, model_dir: Path, version: int, folder: Path) -> None:
+    def __init__(self, model_dir: Path, version: int, folder: Path, file: str = MODEL_FILE) -> None:
         self.model_dir = model_dir
         self.version = version
         self.folder = folder
         self.final = model_dir / str(version)
-        self.path = self.final / MODEL_FILE
+        self.path = self.final / file
         self.size = 0
 
     def save_model(self, model: Any) -> int:
@@ -143,25 +210,28 @@ class StagedVersion:
 
 
 @contextlib.contextmanager
-def staged_version(model_dir: Path, version: int | None = None) -> Iterator[StagedVersion]:
+def staged_version(
+    model_dir: Path, version: int | None = None, file: str = MODEL_FILE
+) -> Iterator[StagedVersion]:
     """Write a new version (next free one by default) all at once, or not at all.
 
     Everything goes into ``model_dir/.partial-<version>-<pid>/``, which no reader lists; when
     the block ends, that folder is renamed to ``model_dir/<version>`` in one step. A failure
     (a full disk, a bad model) removes it and says so; a process killed meanwhile leaves only
     the hidden folder, which the next write clears away. So a server never finds half a
-    version: either the model and its reports are there, or nothing is.
+    version: either the model and its reports are there, or nothing is. ``file`` is the
+    name the version's model will have (one of ``FORMATS``).
     """
     model_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale_partials(model_dir)
     version = version or next_version(model_dir)
     final = model_dir / str(version)
-    if (final / MODEL_FILE).exists():
+    if _holds_model(final):
         raise ConfigError(f"{final} already holds a model; choose another version")
     folder = model_dir / f"{_PARTIAL}{version}-{os.getpid()}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    staged = StagedVersion(model_dir, version, folder)
+    staged = StagedVersion(model_dir, version, folder, file)
     try:
         yield staged
         if final.exists():  # an empty folder left by hand: replaced; anything else: refused
@@ -217,7 +287,7 @@ def _alive(pid: int) -> bool:
 
 
 def resolve(target: str | Path, version: int | None = None) -> ModelRef:
-    """Find a model file from a model folder, a ``folder:VERSION`` string or an .onnx path.
+    """Find a model file from a model folder, a ``folder:VERSION`` string or a model file.
 
     Without ``version`` the folder's pinned version (config.toml) or its highest is used.
     """
@@ -236,7 +306,8 @@ def resolve(target: str | Path, version: int | None = None) -> ModelRef:
     versions = list_versions(path)
     if not versions:
         raise ModelNotFound(
-            f"{path} is neither an .onnx file nor a model folder with <version>/{MODEL_FILE}"
+            f"{path} is neither a model file nor a model folder with <version>/{MODEL_FILE} "
+            f"(or {FORMATS['openvino']}, {FORMATS['litert']})"
         )
     chosen = version or ModelConfig.read(path).version or versions[-1]
     if chosen not in versions:
@@ -261,7 +332,7 @@ def model_files(source: Path) -> tuple[ModelConfig, dict[int, Path]]:
     """A model's config.toml and its model file per version, from its folder or one file.
 
     A file in a version folder (``NAME/3/model.onnx``) is that version alone, with the
-    ``[batching]`` of ``NAME/config.toml``; any other .onnx file is version 1.
+    ``[batching]`` of ``NAME/config.toml``; any other model file is version 1.
     """
     if source.is_file():
         if not (source.parent.name.isdigit() and int(source.parent.name) > 0):

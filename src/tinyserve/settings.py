@@ -280,8 +280,20 @@ SETTINGS: tuple[Setting, ...] = (
         "low load; 0: never).", _BATCHING,
     ),
     Setting(
-        "threads", int, "engine.intra_op_threads", "ONNX Runtime intra-op threads; 0 = all cores.",
-        _INFERENCE, aliases=("NUM_THREADS",),
+        "runtime", str, "engine.runtime", "What runs the models: auto (each version on its "
+        "format's runtime: model.onnx on ONNX Runtime, an OpenVINO IR on OpenVINO, "
+        "model.tflite on LiteRT), onnxruntime, openvino (reads model.xml, else model.onnx) or "
+        "litert. A model's config.toml may set its own (runtime = ...).", _INFERENCE,
+    ),
+    Setting(
+        "provider", str, "engine.provider", "ONNX Runtime execution provider: cpu, openvino "
+        "(onnxruntime-openvino), cuda or tensorrt (the gpu extra, onnxruntime-gpu, and an "
+        "NVIDIA GPU). A model's config.toml may set its own (provider = ...).", _INFERENCE,
+    ),
+    Setting(
+        "threads", int, "engine.intra_op_threads", "Inference threads of each model (ONNX "
+        "Runtime intra-op, OpenVINO, LiteRT); 0 = all cores.", _INFERENCE,
+        aliases=("NUM_THREADS",),
     ),
     Setting(
         "spin", bool, "engine.spin", "Let ONNX Runtime threads spin while idle (lower latency "

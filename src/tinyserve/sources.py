@@ -35,12 +35,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tinyserve.errors import ConfigError, ModelError, ModelNotFound
-from tinyserve.repository import CONFIG_FILE, MODEL_FILE
+from tinyserve.repository import CONFIG_FILE, FORMATS, MANIFEST_FILE, MODEL_FILE
 
 log = logging.getLogger("tinyserve")
 
 CACHE_ENV = "TINYSERVE_CACHE_DIR"
-SYNCED_FILES = frozenset({MODEL_FILE, CONFIG_FILE})
+# Every format's model file (an IR's weights too), a non-ONNX version's manifest, config.toml.
+SYNCED_FILES = frozenset({*FORMATS.values(), "model.bin", MANIFEST_FILE, CONFIG_FILE})
 _META_SUFFIX = ".s3.json"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -187,7 +188,7 @@ def _list(client: Any, location: S3Location) -> dict[str, tuple[int, str]]:
         raise ModelError(f"cannot list {location.uri}: {code or exc}") from None
     except BotoCoreError as exc:
         raise ModelError(f"cannot reach S3 for {location.uri}: {exc}") from None
-    if not any(PurePosixPath(k).name == MODEL_FILE for k in found):
+    if not any(PurePosixPath(k).name in FORMATS.values() for k in found):
         raise ModelNotFound(
             f"no {MODEL_FILE} under {location.uri} (expected <name>/<version>/{MODEL_FILE} "
             f"for a repository, <version>/{MODEL_FILE} for one model)"

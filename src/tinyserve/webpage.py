@@ -24,6 +24,7 @@ import orjson
 from tinyserve import __version__
 from tinyserve.asgi import Call, Reply, json_reply
 from tinyserve.context import ServingContext
+from tinyserve.repository import model_bytes
 from tinyserve.requests import version_param
 from tinyserve.routes import Route
 
@@ -107,7 +108,7 @@ async def model_files(context: ServingContext, call: Call) -> Reply:
     name = call.path_params["model"]
     version = version_param(call.path_params["version"])
     model = context.model(name, version)
-    folder = model.path.parent if model.path.suffix == ".onnx" else model.path
+    folder = model.path.parent if model.path.is_file() else model.path
     files: list[dict[str, Any]] = []
     reports: dict[str, Any] = {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else ():
@@ -121,12 +122,11 @@ async def model_files(context: ServingContext, call: Call) -> Reply:
                 reports[path.name] = orjson.loads(text) if path.suffix == ".json" else text
             except orjson.JSONDecodeError:
                 reports[path.name] = text
-    onnx = model.path if model.path.is_file() else folder / "model.onnx"
     return json_reply(
         {
             "model": model.name,
             "version": model.version,
-            "bytes": onnx.stat().st_size if onnx.is_file() else None,
+            "bytes": model_bytes(model.path) if model.path.is_file() else None,
             "files": files,
             "reports": reports,
         }

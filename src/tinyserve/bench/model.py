@@ -1,5 +1,6 @@
-"""``tinyserve bench model``: ONNX Runtime latency, throughput and memory per batch size and
-intra-op thread count, with no HTTP in the way.
+"""``tinyserve bench model``: latency, throughput and memory per batch size and thread count,
+on each runtime and provider asked for (``--provider cpu,cuda`` puts them side by side), with
+no HTTP in the way.
 
 Each (threads, batch size) step warms up, then times whole ``session.run`` calls until a time
 budget is spent (at least ``min_runs``, at most ``max_runs``), feeding different images on each
@@ -26,7 +27,7 @@ from tinyserve.engine import Engine, EngineConfig, available_cores
 from tinyserve.errors import ConfigError
 from tinyserve.imaging import Pixels, load_image
 from tinyserve.manifest import InputSpec
-from tinyserve.repository import resolve
+from tinyserve.repository import model_bytes, resolve
 
 _POOL_BYTES = 64 * 1024 * 1024  # distinct input images kept in memory per step
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -45,8 +46,12 @@ class ModelBenchConfig:
     seconds: float = 2.0
     images: Path | None = None
     seed: int = 0
+    runtime: str = "auto"  # engine.RUNTIMES
+    providers: tuple[str, ...] = ("cpu",)  # engine.PROVIDERS, measured one after the other
 
     def __post_init__(self) -> None:
+        if not self.providers:
+            raise ValueError("give at least one provider")
         if not self.batch_sizes or any(b < 1 or b > 65_536 for b in self.batch_sizes):
             raise ValueError("batch sizes must be between 1 and 65536")
         if not self.threads or any(t < 1 or t > 1024 for t in self.threads):
@@ -59,6 +64,7 @@ class ModelBenchConfig:
 
 @dataclass
 class StepResult:
+    provider: str
     threads: int
     batch_size: int
     runs: int
@@ -82,6 +88,7 @@ class ModelBenchReport:
     peak_rss_scope: str
     baseline_rss_mb: float
     load: dict[str, dict[str, float]] = field(default_factory=dict)
+    runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # by provider
     results: list[StepResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,12 +105,15 @@ def bench_model(
     import onnxruntime
 
     ref = resolve(config.target)
+    for provider in config.providers:  # a provider without its device fails before any step
+        engine = Engine(ref.path, _engine_config(config, provider, 1, warmup_runs=0))
+        del engine
     scope = "step" if reset_peak_rss() else "process"
     report = ModelBenchReport(
         model=ref.name,
         version=ref.version,
         path=str(ref.path),
-        bytes=ref.path.stat().st_size,
+        bytes=model_bytes(ref.path),
         input_shape=[],
         data="",
         cores=available_cores(),
@@ -113,31 +123,53 @@ def bench_model(
         baseline_rss_mb=_mb(current_rss_bytes()),
     )
     pool: Pixels | None = None
-    for threads in config.threads:
+    for provider, threads in ((p, t) for p in config.providers for t in config.threads):
         if progress:
-            progress(f"loading {ref.name} v{ref.version} with {threads} thread(s)")
+            progress(f"loading {ref.name} v{ref.version} on {provider}, {threads} thread(s)")
         reset_peak_rss()
         started = time.perf_counter()
-        # A lone measuring loop: spinning threads pick up each run sooner (servers do not spin).
-        engine = Engine(ref.path, EngineConfig(intra_op_threads=threads, warmup_runs=1, spin=True))
-        report.load[str(threads)] = {
+        engine = Engine(ref.path, _engine_config(config, provider, threads))
+        key = str(threads) if len(config.providers) == 1 else f"{provider}/{threads}"
+        report.load[key] = {
             "seconds": round(time.perf_counter() - started, 4),
             "peak_rss_mb": _mb(peak_rss_bytes()),
         }
+        report.runtimes[provider] = engine.describe()
         spec = engine.manifest.input
         if pool is None:
             pool, report.data = _input_pool(spec, config, max(config.batch_sizes))
             report.input_shape = list(spec.shape)
         for batch_size in config.batch_sizes:
             if progress:
-                progress(f"threads {threads}, batch {batch_size}")
-            report.results.append(_measure(engine, pool, threads, batch_size, config))
+                progress(f"{provider}, threads {threads}, batch {batch_size}")
+            report.results.append(_measure(engine, pool, provider, threads, batch_size, config))
         del engine
     return report
 
 
+def _engine_config(
+    config: ModelBenchConfig, provider: str, threads: int, warmup_runs: int = 1
+) -> EngineConfig:
+    # A lone measuring loop: spinning threads pick up each run sooner (servers do not spin).
+    try:
+        return EngineConfig(
+            intra_op_threads=threads,
+            warmup_runs=warmup_runs,
+            spin=True,
+            runtime=config.runtime,
+            provider=provider,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _measure(
-    engine: Engine, pool: Pixels, threads: int, batch_size: int, config: ModelBenchConfig
+    engine: Engine,
+    pool: Pixels,
+    provider: str,
+    threads: int,
+    batch_size: int,
+    config: ModelBenchConfig,
 ) -> StepResult:
     starts = max(len(pool) - batch_size + 1, 1)
 
@@ -155,6 +187,7 @@ def _measure(
     )
     latency = exact_summary_ms(seconds)
     return StepResult(
+        provider=provider,
         threads=threads,
         batch_size=batch_size,
         runs=len(seconds),

@@ -34,17 +34,26 @@ def wide_console() -> Console:
 def model_table(report: ModelBenchReport) -> Table:
     from rich.table import Table
 
+    runtimes = (
+        ", ".join(
+            f"{info.get('runtime', 'onnxruntime')} {info.get('version', '')} ({provider})"
+            for provider, info in report.runtimes.items()
+        )
+        or f"ONNX Runtime {report.onnxruntime}"
+    )
     table = Table(
-        title=f"{report.model} v{report.version}: ONNX Runtime {report.onnxruntime}, "
-        f"{report.cores} core(s), {report.data}",
+        title=f"{report.model} v{report.version}: {runtimes}, {report.cores} core(s), "
+        f"{report.data}",
         caption=f"peak RSS per {report.peak_rss_scope}; baseline {report.baseline_rss_mb} MB",
     )
+    table.add_column("provider")
     for column in ("threads", "batch", "runs", "p50 ms", "p95 ms", "p99 ms", "ms/image"):
         table.add_column(column, justify="right")
     table.add_column("images/s", justify="right", style="bold")
     table.add_column("peak RSS MB", justify="right")
     for r in report.results:
         table.add_row(
+            r.provider,
             str(r.threads),
             str(r.batch_size),
             str(r.runs),

@@ -1,8 +1,9 @@
 """The ``tinyserve`` command line: thin subcommands over the library, one module per family.
 
 ``train`` (train, export, prune, distill, import), ``models`` (evaluate, quantize, predict),
-``serve``, ``bench``, ``keys`` (API keys), ``pull`` (S3 into a folder), ``monitor`` (a live
-view of servers), and ``video`` (video, data scenes, bench video).
+``serve``, ``bench``, ``convert`` (OpenVINO IR, LiteRT), ``keys`` (API keys), ``pull`` (S3
+into a folder), ``monitor`` (a live view of servers), and ``video`` (video, data scenes,
+bench video).
 Heavy imports (torch, onnxruntime, uvicorn) happen inside each command, so ``--help`` is fast
 and ``serve`` never imports torch.
 """
@@ -14,7 +15,7 @@ from typing import Annotated
 import typer
 
 from tinyserve import __version__
-from tinyserve.cli import bench, keys, models, monitor, pull, serve, train, video
+from tinyserve.cli import bench, convert, keys, models, monitor, pull, serve, train, video
 from tinyserve.errors import TinyServeError
 
 app = typer.Typer(
@@ -57,6 +58,7 @@ app.add_typer(video.data_app)
 bench.app.command("video")(video.bench_video)
 app.add_typer(bench.app)
 app.add_typer(keys.app)
+app.add_typer(convert.app)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""``tinyserve bench``: a model through ONNX Runtime, or a running server over HTTP."""
+"""``tinyserve bench``: a model on its runtime, or a running server over HTTP."""
 
 from __future__ import annotations
 
@@ -32,10 +32,21 @@ def bench_model(
     images: Annotated[
         Path | None, typer.Option(help="Image file or folder to feed instead of random pixels.")
     ] = None,
+    runtime: Annotated[
+        str, typer.Option(help="auto (the version's own format), onnxruntime, openvino or litert.")
+    ] = "auto",
+    provider: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated ONNX Runtime providers, measured side by side: cpu, openvino, "
+            "cuda, tensorrt (cuda and tensorrt need the gpu extra and an NVIDIA GPU)."
+        ),
+    ] = "cpu",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
 ) -> None:
-    """Latency p50/p95/p99, throughput and peak RSS per batch size and thread count (no HTTP)."""
+    """Latency p50/p95/p99, throughput and peak RSS per batch size and thread count (no HTTP),
+    on each provider given."""
     from tinyserve.bench.model import ModelBenchConfig
     from tinyserve.bench.model import bench_model as run
     from tinyserve.bench.report import model_table, wide_console
@@ -49,8 +60,10 @@ def bench_model(
         warmup_runs=warmup_runs,
         min_runs=min_runs,
         images=images,
+        runtime=runtime,
+        providers=tuple(p.strip() for p in provider.split(",") if p.strip()),
     )
-    steps = len(config.threads) * (len(config.batch_sizes) + 1)
+    steps = len(config.providers) * len(config.threads) * (len(config.batch_sizes) + 1)
     with _progress(steps, enabled=not json_output) as advance:
         report = run(config, progress=advance)
     if out is not None:

@@ -22,18 +22,48 @@ def evaluate(
             help="Compare every version of this model folder (writes compare.md/.json/.png).",
         ),
     ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="Runtime: auto (the version's format), onnxruntime, openvino or litert. With "
+            "--compare, comma-separated runtimes for every version, or all (every runtime "
+            "that reads a version's files)."
+        ),
+    ] = "auto",
+    torch_rows: Annotated[
+        bool,
+        typer.Option(
+            "--torch",
+            help="With --compare: add PyTorch eager and TorchScript rows (the train extra).",
+        ),
+    ] = False,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --torch: the training checkpoint of the first version \\[default: its "
+            "ONNX graph rebuilt in PyTorch]."
+        ),
+    ] = None,
     data: DataOption = "fashion-mnist",
     data_dir: DataDirOption = None,
     batch_size: int = 256,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads; 0 = all cores.")] = 0,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="Inference threads; 0 = all cores. With --compare: 0 measures 1 and 2 threads."
+        ),
+    ] = 0,
     out: Annotated[
         Path | None, typer.Option(help="Folder for report.json and confusion.png.")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Accuracy, per-class accuracy, confusion matrix and latency, through ONNX Runtime."""
+    """Accuracy, per-class accuracy, confusion matrix and latency, on the model's runtime."""
     if compare is not None:
-        _compare_versions(compare, data, data_dir, out, json_output)
+        runtimes = tuple(r.strip() for r in runtime.split(",") if r.strip())
+        options = {"runtimes": runtimes, **({"threads": (threads,)} if threads else {})}
+        torch = (torch_rows, checkpoint)
+        _compare_versions(compare, data, data_dir, out, json_output, torch, **options)
         return
     if model is None:
         raise ConfigError("give a MODEL to evaluate, or --compare MODEL_DIR")
@@ -47,6 +77,7 @@ def evaluate(
         data_dir=data_dir,
         batch_size=batch_size,
         threads=threads,
+        runtime=runtime,
     )
     report = run(config, progress=not json_output)
     if out is not None:
@@ -116,12 +147,35 @@ def predict(
 
 
 def _compare_versions(
-    model_dir: Path, data: str, data_dir: Path | None, out: Path | None, json_output: bool
+    model_dir: Path,
+    data: str,
+    data_dir: Path | None,
+    out: Path | None,
+    json_output: bool,
+    torch: tuple[bool, Path | None],
+    **options: object,
 ) -> None:
-    from tinyserve.compare import CompareConfig, compare, write_outputs
+    from tinyserve.compare import Candidate, CompareConfig, compare, write_outputs
+    from tinyserve.repository import list_versions, sibling, version_path
 
-    config = build_config(CompareConfig, model_dir=model_dir, data=data, data_dir=data_dir)
-    comparison = compare(config, progress=not json_output)
+    config = build_config(
+        CompareConfig, model_dir=model_dir, data=data, data_dir=data_dir, **options
+    )
+    extra: list[Candidate] = []
+    with_torch, checkpoint = torch
+    if with_torch:
+        try:
+            from tinyserve.training.torch_rows import torch_candidates
+        except ImportError as exc:
+            raise ConfigError(
+                f"--torch needs the train extra (pip install 'tinyserve[train]'): {exc}"
+            ) from exc
+        versions = list_versions(model_dir)
+        first = sibling(version_path(model_dir, versions[0]), "onnx") if versions else None
+        if first is None:
+            raise ConfigError(f"--torch needs an ONNX first version in {model_dir}")
+        extra = torch_candidates(first, versions[0], checkpoint)
+    comparison = compare(config, progress=not json_output, extra=extra)
     paths = write_outputs(comparison, out or Path("runs") / f"compare-{model_dir.name}")
     if json_output:
         typer.echo(comparison.to_json(), nl=False)
