@@ -3,6 +3,7 @@ fault, fuzz, property and corpus test counts, as one Markdown table (``make reli
 
     python benchmarks/reliability.py                 # the full run (about 20 minutes)
     python benchmarks/reliability.py --quick         # the reduced run CI makes (about 4)
+    python benchmarks/reliability.py --before TREE   # refusal cost and open loop: TREE vs this
 
 Every server is a real ``tinyserve serve`` on loopback. Load comes from ``wrk`` (closed loop,
 Debian's package; ``make data`` installs it) and from tinyserve's own raw-socket client (the
@@ -33,7 +34,8 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+SRC = ROOT / "src"
+sys.path.insert(0, str(SRC))
 
 from tinyserve.bench.client import Connection, Target, build_request, image_request  # noqa: E402
 
@@ -311,8 +313,17 @@ def overload(seconds: float, steps: list[int], tmp: Path) -> dict[str, Any]:
             rows[-1]["recovery_s"] = recovery(server, base["p50_ms"])
     finally:
         server.stop()
-    # What a refusal costs: a server whose queue holds one request and lets none wait.
-    tight = Server(repo_copy(tmp / "tight"), "--max-queue", "1", "--max-waiting", "0")
+    return {"baseline_p50_ms": base["p50_ms"], "steps": rows,
+            "rejection": refusal_cost(seconds, tmp / "tight")}  # fmt: skip
+
+
+def refusal_cost(seconds: float, tmp: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a refusal costs: a server whose queue holds one request and lets none wait,
+    under 64 closed-loop connections; its CPU per answer (nearly all of them 503s)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    script = tmp / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    tight = Server(repo_copy(tmp), "--max-queue", "1", "--max-waiting", "0", env=env)
     try:
         before = tight.cpu_seconds()
         refused = wrk(f"{tight.url}/predict", 64, seconds, script)
@@ -320,12 +331,36 @@ def overload(seconds: float, steps: list[int], tmp: Path) -> dict[str, Any]:
     finally:
         tight.stop()
     answered = refused["requests"]
-    return {
-        "baseline_p50_ms": base["p50_ms"], "steps": rows,
-        "rejection": {"requests": answered, "rejected": refused["rejected"],
-                      "p99_ms": refused["p99_ms"],
-                      "cpu_us_per_request": round(cpu / max(1, answered) * 1e6, 1)},
-    }  # fmt: skip
+    return {"requests": answered, "rejected": refused["rejected"], "p99_ms": refused["p99_ms"],
+            "cpu_us_per_request": round(cpu / max(1, answered) * 1e6, 1)}  # fmt: skip
+
+
+def before_and_after(before: Path, rounds: int, seconds: float, tmp: Path) -> str:
+    """The refusal cost and the open loop at 5x capacity of the tree at ``before`` and of
+    this one, alternated ``rounds`` times in one run; a Markdown table."""
+    trees = {"before": {"PYTHONPATH": str(before / "src")}, "now": {"PYTHONPATH": str(SRC)}}
+    rows = []
+    for round_ in range(rounds):
+        for name, env in trees.items():
+            where = tmp / f"{name}-{round_}"
+            refusal = refusal_cost(4, where / "tight", env)
+            open_ = open_loop_overload(seconds, 5, where, env)
+            share = open_["good_rps"] / max(1.0, open_["capacity_rps"])
+            rows.append(
+                f"| {round_ + 1} | {name} | {refusal['cpu_us_per_request']:g} µs | "
+                f"{refusal['p99_ms']:g} ms | {open_['capacity_rps']:g} | {open_['good_rps']:g} "
+                f"({share:.0%}) | {open_['p99_ok_ms']} / {open_['p99_rejected_ms']} ms |"
+            )
+            print(rows[-1], flush=True)
+    head = [
+        f"Before ({before}) and now, {cpu_name()}, {time.strftime('%Y-%m-%d')}; open loop "
+        f"{seconds:g} s at 5x capacity, server and load on CPUs of their own.",
+        "",
+        "| round | tree | server CPU per refusal | refusal p99 | capacity req/s | good "
+        "answers/s at 5x | p99 admitted / refused |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+    return "\n".join(head + rows)
 
 
 def recovery(server: Server, baseline_p50_ms: float, limit_s: float = 30.0) -> float | None:
@@ -356,13 +391,15 @@ def split_cpus() -> tuple[set[int], set[int]] | None:
     return None if len(cpus) < 2 else ({cpus[-1]}, set(cpus[:-1]))
 
 
-def open_loop_overload(seconds: float, factor: float, tmp: Path) -> dict[str, Any]:
+def open_loop_overload(
+    seconds: float, factor: float, tmp: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Goodput at ``factor`` times capacity in an open loop, the server and the generator
     on CPUs of their own (``split_cpus``); capacity is measured the same way just before."""
     split = split_cpus()
     server_cpus, load_cpus = split if split is not None else (None, None)
     mine = os.sched_getaffinity(0)
-    server = Server(repo_copy(tmp / "open"), cpus=server_cpus)
+    server = Server(repo_copy(tmp / "open"), env=env, cpus=server_cpus)
     try:
         if load_cpus is not None:
             os.sched_setaffinity(0, load_cpus)
@@ -483,9 +520,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reliability")
     parser.add_argument("--skip-tests", action="store_true", help="only the load figures")
     parser.add_argument("--soak-s", type=float, help="soak seconds (600; 120 with --quick)")
+    parser.add_argument(
+        "--before", type=Path, metavar="TREE", help="only compare the refusal cost and the "
+        "open loop with the source tree TREE (its src/), e.g. a git worktree of an older commit",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --before (2)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: make data installs it (apt-get install wrk)")
+    if args.before is not None:
+        if not (args.before / "src" / "tinyserve").is_dir():
+            sys.exit(f"{args.before} has no src/tinyserve: give the root of a tinyserve tree")
+        with tempfile.TemporaryDirectory() as tmp_name:
+            print(before_and_after(args.before, args.rounds, 15 if args.quick else 60,
+                                   Path(tmp_name)))  # fmt: skip
+        return
     quick = args.quick
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {  # the soak's figures are printed as soon as they are in

@@ -137,3 +137,24 @@ def test_production_costs_measures_every_configuration() -> None:
     names = [row.split(" | ")[0].lstrip("| ") for row in rows]
     assert names == ["off", "cache memory (hits)", "api keys", "traffic = {2 = 100}"]
     assert all(float(row.split(" | ")[2]) > 0 for row in rows)
+
+
+def test_reliability_gives_the_server_and_the_open_loop_cpus_of_their_own() -> None:
+    import reliability
+
+    cpus = os.sched_getaffinity(0)
+    split = reliability.split_cpus()
+    if len(cpus) < 2:
+        assert split is None
+        return
+    assert split is not None
+    server, load = split
+    assert server and load and not server & load and server | load == cpus
+
+
+def test_reliability_before_needs_a_tinyserve_tree(tmp_path: Path) -> None:
+    answer = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "reliability.py"), "--before", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert answer.returncode != 0 and "has no src/tinyserve" in answer.stderr
