@@ -263,3 +263,32 @@ def test_missing_and_broken_files_are_model_errors(tmp_path: Path) -> None:
     (tmp_path / "weights.pt").write_bytes(b"")
     with pytest.raises(ModelError, match="not a model file"):
         Engine(tmp_path / "weights.pt")
+
+
+def test_bench_model_on_cuda_says_there_is_no_gpu() -> None:
+    if has_cuda():
+        pytest.skip("this machine has ONNX Runtime's CUDA provider")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tinyserve", "bench", "model", str(BUNDLED_MODEL),
+         "--provider", "cpu,cuda", "--seconds", "0.1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error: no GPU execution provider: provider 'cuda'" in done.stderr
+    assert "tinyserve[gpu]" in done.stderr and "threads" not in done.stdout  # nothing measured
+
+
+def test_bench_model_runs_on_each_runtime(repo: Path) -> None:
+    from tinyserve.bench.model import ModelBenchConfig, bench_model
+
+    for target, runtime in ((repo / "fashion-cnn" / "1" / "model.tflite", "litert"),
+                            (repo / "fashion-cnn" / "2" / "model.xml", "openvino")):  # fmt: skip
+        config = ModelBenchConfig(
+            str(target), batch_sizes=(1, 4), threads=(1,), seconds=0.05, min_runs=2, warmup_runs=1
+        )
+        report = bench_model(config)
+        assert report.runtimes["cpu"]["runtime"] == runtime
+        assert [(r.provider, r.batch_size) for r in report.results] == [("cpu", 1), ("cpu", 4)]
