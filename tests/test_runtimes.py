@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from conftest import BUNDLED_MODEL, ROOT, SAMPLES
+from conftest import BUNDLED_MODEL, ROOT, SAMPLES, needs_fashion_mnist
 from tinyserve.engine import Engine, EngineConfig, select_file, softmax
 from tinyserve.errors import ModelError, RuntimeUnavailable
 from tinyserve.imaging import load_image
@@ -292,3 +292,42 @@ def test_bench_model_runs_on_each_runtime(repo: Path) -> None:
         report = bench_model(config)
         assert report.runtimes["cpu"]["runtime"] == runtime
         assert [(r.provider, r.batch_size) for r in report.results] == [("cpu", 1), ("cpu", 4)]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_the_lambda_handler_runs_on_each_runtime(
+    runtime: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expected: np.ndarray[Any, Any]
+) -> None:
+    import base64
+    import json
+
+    from tinyserve import serverless
+
+    shutil.copytree(LITERT_VERSION, tmp_path / "fashion-cnn" / "1")
+    monkeypatch.setenv("TINYSERVE_MODEL_URI", str(tmp_path / "fashion-cnn"))
+    monkeypatch.setenv("TINYSERVE_RUNTIME", runtime)
+    serverless.reset()
+    try:
+        for path, row in zip(PNGS, expected, strict=True):
+            event = {"image": base64.b64encode(path.read_bytes()).decode(), "top_k": 10}
+            body = json.loads(serverless.handler(event, None)["body"])
+            assert body["class_id"] == int(row.argmax()), body
+            got = _by_class(body["predictions"])
+            np.testing.assert_allclose(got, row, atol=TOLERANCE)
+        assert serverless.load(serverless.HandlerConfig.from_env()).engine.runtime == runtime
+    finally:
+        serverless.reset()
+
+
+@needs_fashion_mnist
+def test_evaluate_on_another_runtime_scores_the_same() -> None:
+    from tinyserve.evaluate import EvalConfig, evaluate
+
+    onnx_file = str(LITERT_VERSION / "model.onnx")
+    reports = [
+        evaluate(EvalConfig(onnx_file, latency_runs=5, runtime=r)) for r in ("auto", "litert")
+    ]
+    assert [Path(r.path).name for r in reports] == ["model.onnx", "model.tflite"]
+    assert reports[0].accuracy == pytest.approx(reports[1].accuracy, abs=2e-4)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        EvalConfig(onnx_file, runtime="tensorflow")
