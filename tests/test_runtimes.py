@@ -331,3 +331,22 @@ def test_evaluate_on_another_runtime_scores_the_same() -> None:
     assert reports[0].accuracy == pytest.approx(reports[1].accuracy, abs=2e-4)
     with pytest.raises(ValueError, match="runtime must be one of"):
         EvalConfig(onnx_file, runtime="tensorflow")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_runtimes_are_safe_to_call_from_several_threads(
+    runtime: str, pixels: np.ndarray[Any, Any], expected: np.ndarray[Any, Any]
+) -> None:
+    """A server calls a model from its inference thread and, for lone requests, from the
+    event loop thread; batches of every size must still get their own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = Engine(LITERT_VERSION / "model.onnx", EngineConfig(runtime=runtime, warmup_runs=0))
+
+    def run(i: int) -> bool:
+        start, size = i % 7, 1 + i % 4
+        got = softmax(engine.infer(pixels[start : start + size]))
+        return bool(np.allclose(got, expected[start : start + size], atol=TOLERANCE))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(80)))
