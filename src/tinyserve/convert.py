@@ -20,6 +20,7 @@ version's ``convert_report.json`` and its manifest.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -100,7 +101,7 @@ class ConvertResult:
         return dict(self.report["parity"])
 
 
-def convert(config: ConvertConfig, progress: bool = False) -> ConvertResult:
+def convert(config: ConvertConfig) -> ConvertResult:
     """Convert, check parity and (when it passes or is forced) write the next version."""
     if not config.model_dir.is_dir():
         raise ConfigError(f"{config.model_dir} is not a model folder (models/<name>)")
@@ -119,7 +120,7 @@ def convert(config: ConvertConfig, progress: bool = False) -> ConvertResult:
     file = FORMATS[config.target]
     with tempfile.TemporaryDirectory(prefix="tinyserve-convert-") as tmp:
         folder = Path(tmp)
-        converter = _convert(parent.path, folder / file, config, progress)
+        converter = _convert(parent.path, folder / file, config)
         lineage: dict[str, Any] = {
             "format": config.target,
             "file": file,
@@ -212,10 +213,10 @@ def _agreement(
     }
 
 
-def _convert(source: Path, target: Path, config: ConvertConfig, progress: bool) -> dict[str, str]:
+def _convert(source: Path, target: Path, config: ConvertConfig) -> dict[str, str]:
     if config.target == "openvino":
         return _to_openvino(source, target)
-    return _to_litert(source, target, config, progress)
+    return _to_litert(source, target, config)
 
 
 def _to_openvino(source: Path, target: Path) -> dict[str, str]:
@@ -248,17 +249,15 @@ def litert_python(given: str | None) -> str:
     )
 
 
-def _to_litert(source: Path, target: Path, config: ConvertConfig, progress: bool) -> dict[str, str]:
+def _to_litert(source: Path, target: Path, config: ConvertConfig) -> dict[str, str]:
     python = litert_python(config.converter_python)
     package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
-           os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    paths = [package_root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     origin = config.checkpoint or source
     command = [python, "-m", "tinyserve.training.litert_export", str(origin), str(target)]
     command += ["--int8"] if config.int8 else []
     command += ["--checkpoint"] if config.checkpoint is not None else []
-    if progress:
-        print(f"converting {source} with litert-torch ({python})...", file=sys.stderr)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not target.is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
@@ -310,6 +309,4 @@ def _versioned(manifest: Manifest, parent_version: int, lineage: dict[str, Any])
 
 
 def _json(report: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(report, indent=2) + "\n"
