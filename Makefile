@@ -9,9 +9,11 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The converter environment of `tinyserve convert litert` (litert-torch cannot share .venv).
+LITERT_VENV ?= .venv-litert
 
 .PHONY: help install lock data run test lint typecheck pytest format bench bench-compare clean \
-	ui-screenshots reliability reliability-quick
+	ui-screenshots reliability reliability-quick litert-env
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -73,5 +75,11 @@ reliability-quick: install  ## the same, reduced (about 5 minutes)
 ui-screenshots: install  ## every view of the web page, desktop and phone width, in runs/ui/
 	$(BIN)/python scripts/ui_screenshots.py --out runs/ui
 
-clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+litert-env:  ## the environment `tinyserve convert litert` runs litert-torch in (torch 2.13.0)
+	@test -x $(LITERT_VENV)/bin/python || $(PYTHON) -m venv $(LITERT_VENV)
+	$(LITERT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		torch==2.13.0 "litert-torch==0.10.*" onnx
+	@echo "export TINYSERVE_LITERT_PYTHON=$(CURDIR)/$(LITERT_VENV)/bin/python"
+
+clean:  ## remove the virtual environments and caches
+	rm -rf $(VENV) $(LITERT_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -161,3 +161,27 @@ def test_convert_command_writes_and_refuses(model_dir: Path) -> None:
     assert list_versions(model_dir) == [1, 2, 3]
     help_text = runner.invoke(app, ["convert", "litert", "--help"]).output
     assert "--int8" in help_text and "--converter-python" in help_text
+
+
+def test_a_checkpoint_must_be_the_parents(model_dir: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(ConfigError, match="is not the checkpoint version 1 was exported from"):
+        convert(ConvertConfig(model_dir, "litert", parent=1, checkpoint=tiny_checkpoint))
+    with pytest.raises(ValueError, match="--checkpoint applies to litert"):
+        ConvertConfig(model_dir, "openvino", checkpoint=tiny_checkpoint)
+
+
+@needs_litert_torch
+def test_litert_from_the_training_checkpoint(
+    tiny_repo: Path, tiny_checkpoint: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    """The seed's PyTorch -> LiteRT path: the checkpoint's ServingModel, preprocessing in it."""
+    model_dir = tmp_path / "colors"
+    shutil.copytree(tiny_repo / "colors", model_dir)
+    config = ConvertConfig(
+        model_dir, "litert", parent=1, samples=(image_folder,), checkpoint=tiny_checkpoint,
+        converter_python=converter_python(),
+    )  # fmt: skip
+    result = convert(config)
+    assert result.path is not None and result.parity["passed"], result.report
+    assert "ServingModel of checkpoint" in result.report["conversion"]["converter"]["route"]
+    assert Engine(result.path).runtime == "litert"

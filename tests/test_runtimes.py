@@ -4,6 +4,7 @@ and every runtime or provider that cannot run says why and what to install."""
 from __future__ import annotations
 
 import builtins
+import json
 import shutil
 import struct
 from collections.abc import Callable
@@ -14,19 +15,22 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from conftest import BUNDLED_MODEL, ROOT, SAMPLES
+from conftest import BUNDLED_MODEL, ROOT, SAMPLES, needs_fashion_mnist
 from tinyserve.engine import Engine, EngineConfig, select_file, softmax
 from tinyserve.errors import ModelError, RuntimeUnavailable
 from tinyserve.imaging import load_image
-from tinyserve.manifest import InputSpec
+from tinyserve.manifest import InputSpec, read_manifest
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed")
 pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed")
 
 SPEC = InputSpec(28, 28, 1, "L")
 PNGS = sorted(SAMPLES.glob("*.png"))
-# The bundled model's version 1 as a LiteRT file beside its model.onnx (the manifest.json
-# names model.tflite, so "auto" runs it on LiteRT); made by `tinyserve convert litert`.
+# The bundled model's version 1 (as of the fixture's convert_report.json) as a LiteRT file
+# beside its model.onnx (the manifest.json names model.tflite, so "auto" runs it on LiteRT);
+# made by `tinyserve convert litert`. Every runtime is compared with ONNX Runtime on that
+# model.onnx, so the tests hold when the bundled model is retrained (docs/backends.md says
+# how to make the fixture again).
 LITERT_VERSION = ROOT / "tests" / "fixtures" / "fashion-cnn-litert" / "1"
 TOLERANCE = 1e-4  # the parity reports' bar for float conversions
 RUNTIMES = ("onnxruntime", "openvino", "litert")
@@ -46,7 +50,7 @@ def pixels() -> np.ndarray[Any, Any]:
 @pytest.fixture(scope="module")
 def expected(pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """ONNX Runtime's probabilities for the samples: what every runtime must reproduce."""
-    engine = Engine(BUNDLED_MODEL / "1" / "model.onnx", EngineConfig(runtime="onnxruntime"))
+    engine = Engine(LITERT_VERSION / "model.onnx", EngineConfig(runtime="onnxruntime"))
     return softmax(engine.infer(pixels))
 
 
@@ -62,10 +66,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_the_fixture_is_the_bundled_model() -> None:
-    assert (LITERT_VERSION / "model.onnx").read_bytes() == (
-        BUNDLED_MODEL / "1" / "model.onnx"
-    ).read_bytes(), "tests/fixtures: convert the bundled version 1 again (docs/backends.md)"
+def test_the_fixture_is_a_checked_conversion() -> None:
+    report = json.loads((LITERT_VERSION / "convert_report.json").read_text())
+    assert report["conversion"]["format"] == "litert" and report["parity"]["passed"]
+    manifest = read_manifest(LITERT_VERSION / "model.tflite")
+    assert manifest.source["conversion"]["parent_version"] == 1
+    assert manifest.source["checkpoint_sha256"] == read_manifest(
+        LITERT_VERSION / "model.onnx"
+    ).source.get("checkpoint_sha256")
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -263,3 +271,89 @@ def test_missing_and_broken_files_are_model_errors(tmp_path: Path) -> None:
     (tmp_path / "weights.pt").write_bytes(b"")
     with pytest.raises(ModelError, match="not a model file"):
         Engine(tmp_path / "weights.pt")
+
+
+def test_bench_model_on_cuda_says_there_is_no_gpu() -> None:
+    if has_cuda():
+        pytest.skip("this machine has ONNX Runtime's CUDA provider")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tinyserve", "bench", "model", str(BUNDLED_MODEL),
+         "--provider", "cpu,cuda", "--seconds", "0.1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error: no GPU execution provider: provider 'cuda'" in done.stderr
+    assert "tinyserve[gpu]" in done.stderr and "threads" not in done.stdout  # nothing measured
+
+
+def test_bench_model_runs_on_each_runtime(repo: Path) -> None:
+    from tinyserve.bench.model import ModelBenchConfig, bench_model
+
+    for target, runtime in ((repo / "fashion-cnn" / "1" / "model.tflite", "litert"),
+                            (repo / "fashion-cnn" / "2" / "model.xml", "openvino")):  # fmt: skip
+        config = ModelBenchConfig(
+            str(target), batch_sizes=(1, 4), threads=(1,), seconds=0.05, min_runs=2, warmup_runs=1
+        )
+        report = bench_model(config)
+        assert report.runtimes["cpu"]["runtime"] == runtime
+        assert [(r.provider, r.batch_size) for r in report.results] == [("cpu", 1), ("cpu", 4)]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_the_lambda_handler_runs_on_each_runtime(
+    runtime: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expected: np.ndarray[Any, Any]
+) -> None:
+    import base64
+
+    from tinyserve import serverless
+
+    shutil.copytree(LITERT_VERSION, tmp_path / "fashion-cnn" / "1")
+    monkeypatch.setenv("TINYSERVE_MODEL_URI", str(tmp_path / "fashion-cnn"))
+    monkeypatch.setenv("TINYSERVE_RUNTIME", runtime)
+    serverless.reset()
+    try:
+        for path, row in zip(PNGS, expected, strict=True):
+            event = {"image": base64.b64encode(path.read_bytes()).decode(), "top_k": 10}
+            body = json.loads(serverless.handler(event, None)["body"])
+            assert body["class_id"] == int(row.argmax()), body
+            got = _by_class(body["predictions"])
+            np.testing.assert_allclose(got, row, atol=TOLERANCE)
+        assert serverless.load(serverless.HandlerConfig.from_env()).engine.runtime == runtime
+    finally:
+        serverless.reset()
+
+
+@needs_fashion_mnist
+def test_evaluate_on_another_runtime_scores_the_same() -> None:
+    from tinyserve.evaluate import EvalConfig, evaluate
+
+    onnx_file = str(LITERT_VERSION / "model.onnx")
+    reports = [
+        evaluate(EvalConfig(onnx_file, latency_runs=5, runtime=r)) for r in ("auto", "litert")
+    ]
+    assert [Path(r.path).name for r in reports] == ["model.onnx", "model.tflite"]
+    assert reports[0].accuracy == pytest.approx(reports[1].accuracy, abs=2e-4)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        EvalConfig(onnx_file, runtime="tensorflow")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_runtimes_are_safe_to_call_from_several_threads(
+    runtime: str, pixels: np.ndarray[Any, Any], expected: np.ndarray[Any, Any]
+) -> None:
+    """A server calls a model from its inference thread and, for lone requests, from the
+    event loop thread; batches of every size must still get their own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = Engine(LITERT_VERSION / "model.onnx", EngineConfig(runtime=runtime, warmup_runs=0))
+
+    def run(i: int) -> bool:
+        start, size = i % 7, 1 + i % 4
+        got = softmax(engine.infer(pixels[start : start + size]))
+        return bool(np.allclose(got, expected[start : start + size], atol=TOLERANCE))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(80)))

@@ -20,6 +20,7 @@ version's ``convert_report.json`` and its manifest.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -61,6 +62,7 @@ class ConvertConfig:
     tolerance: float | None = None  # largest probability difference; None: by precision
     int8: bool = False  # litert: INT8 weights
     converter_python: str | None = None  # litert: a Python with litert-torch
+    checkpoint: Path | None = None  # litert: convert the parent's training module itself
     data: str | None = "fashion-mnist"  # also measure top-1 agreement here (None: skip)
     data_dir: Path | None = None
     agreement_samples: int = 2000
@@ -69,6 +71,8 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.checkpoint is not None and self.target != "litert":
+            raise ValueError("--checkpoint applies to litert (PyTorch -> LiteRT)")
         if self.int8 and self.target != "litert":
             raise ValueError(
                 "--int8 applies to litert; for an INT8 OpenVINO IR convert an INT8 (QDQ) "
@@ -97,7 +101,7 @@ class ConvertResult:
         return dict(self.report["parity"])
 
 
-def convert(config: ConvertConfig, progress: bool = False) -> ConvertResult:
+def convert(config: ConvertConfig) -> ConvertResult:
     """Convert, check parity and (when it passes or is forced) write the next version."""
     if not config.model_dir.is_dir():
         raise ConfigError(f"{config.model_dir} is not a model folder (models/<name>)")
@@ -110,11 +114,13 @@ def convert(config: ConvertConfig, progress: bool = False) -> ConvertResult:
         )
     parent = replace(served, path=onnx_file)
     manifest = read_manifest(parent.path)
+    if config.checkpoint is not None:
+        _check_checkpoint(config.checkpoint, manifest, parent.version)
     started = time.perf_counter()
     file = FORMATS[config.target]
     with tempfile.TemporaryDirectory(prefix="tinyserve-convert-") as tmp:
         folder = Path(tmp)
-        converter = _convert(parent.path, folder / file, config, progress)
+        converter = _convert(parent.path, folder / file, config)
         lineage: dict[str, Any] = {
             "format": config.target,
             "file": file,
@@ -207,10 +213,10 @@ def _agreement(
     }
 
 
-def _convert(source: Path, target: Path, config: ConvertConfig, progress: bool) -> dict[str, str]:
+def _convert(source: Path, target: Path, config: ConvertConfig) -> dict[str, str]:
     if config.target == "openvino":
         return _to_openvino(source, target)
-    return _to_litert(source, target, config, progress)
+    return _to_litert(source, target, config)
 
 
 def _to_openvino(source: Path, target: Path) -> dict[str, str]:
@@ -243,15 +249,15 @@ def litert_python(given: str | None) -> str:
     )
 
 
-def _to_litert(source: Path, target: Path, config: ConvertConfig, progress: bool) -> dict[str, str]:
+def _to_litert(source: Path, target: Path, config: ConvertConfig) -> dict[str, str]:
     python = litert_python(config.converter_python)
     package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
-           os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    command = [python, "-m", "tinyserve.training.litert_export", str(source), str(target)]
+    paths = [package_root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    origin = config.checkpoint or source
+    command = [python, "-m", "tinyserve.training.litert_export", str(origin), str(target)]
     command += ["--int8"] if config.int8 else []
-    if progress:
-        print(f"converting {source} with litert-torch ({python})...", file=sys.stderr)
+    command += ["--checkpoint"] if config.checkpoint is not None else []
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not target.is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
@@ -265,8 +271,28 @@ def _to_litert(source: Path, target: Path, config: ConvertConfig, progress: bool
         "tool": "litert-torch" + (" + ai-edge-quantizer dynamic_wi8_afp32" if config.int8 else ""),
         "version": versions[0] if versions else "unknown",
         "torch": versions[1] if len(versions) > 1 else "unknown",
-        "route": "ONNX graph rebuilt as a PyTorch module (training/litert_export.py)",
+        "route": (
+            f"PyTorch ServingModel of checkpoint {config.checkpoint.name}"
+            if config.checkpoint is not None
+            else "ONNX graph rebuilt as a PyTorch module (training/litert_export.py)"
+        ),
     }
+
+
+def _check_checkpoint(checkpoint: Path, manifest: Manifest, version: int) -> None:
+    """The checkpoint must be the one the parent was exported from, or parity means little."""
+    import hashlib
+
+    if not checkpoint.is_file():
+        raise ConfigError(f"checkpoint {checkpoint} does not exist")
+    recorded = manifest.source.get("checkpoint_sha256")
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    if recorded != digest:
+        raise ConfigError(
+            f"{checkpoint} is not the checkpoint version {version} was exported from (its "
+            f"SHA-256 differs from the one in the version's lineage); give that checkpoint, or "
+            "convert the version's ONNX graph (no --checkpoint)"
+        )
 
 
 def _parent_precision(manifest: Manifest) -> str:
@@ -283,6 +309,4 @@ def _versioned(manifest: Manifest, parent_version: int, lineage: dict[str, Any])
 
 
 def _json(report: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(report, indent=2) + "\n"

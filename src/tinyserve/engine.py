@@ -167,8 +167,8 @@ class Engine:
         # The tensor names clients see (V2) are the ONNX model's, whatever runs it.
         self.input_name = self.session.input_name
         self.output_name = self.session.output_name
-        if self.path.suffix.lower() == ".onnx" and metadata is not None:
-            self.manifest = Manifest.from_metadata(metadata, str(self.path))
+        if self.path.suffix.lower() == ".onnx":
+            self.manifest = Manifest.from_metadata(metadata or {}, str(self.path))
         else:
             self.manifest = read_sidecar(self.path)
             self.input_name, self.output_name = sidecar_tensors(self.path) or (

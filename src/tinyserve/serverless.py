@@ -47,7 +47,8 @@ Response = dict[str, Any]
 class HandlerConfig:
     """What the handler serves and how; ``from_env`` reads it from TINYSERVE_* variables.
 
-    Top-k, threads, the cache and the image limits are server settings: ``from_env`` reads
+    Top-k, threads, the runtime and provider, the cache and the image limits are server
+    settings: ``from_env`` reads
     them from the table in ``tinyserve.settings``, with the names, aliases (``TOP_K``,
     ``NUM_THREADS``) and defaults of ``tinyserve serve``.
     """
@@ -58,11 +59,15 @@ class HandlerConfig:
     default_top_k: int = ServerConfig.default_top_k
     threads: int = EngineConfig.intra_op_threads
     limits: ImageLimits = field(default_factory=ImageLimits)
+    runtime: str = EngineConfig.runtime
+    provider: str = EngineConfig.provider
     # The server settings read by from_env, by their name in tinyserve.settings.SETTINGS.
     SHARED: ClassVar[tuple[str, ...]] = (
         "cache_dir",
         "top_k",
         "threads",
+        "runtime",
+        "provider",
         "max_image_mb",
         "max_pixels",
     )
@@ -90,6 +95,8 @@ class HandlerConfig:
                 default_top_k=shared.get("top_k", cls.default_top_k),
                 threads=shared.get("threads", cls.threads),
                 limits=limits,
+                runtime=shared.get("runtime", cls.runtime),
+                provider=shared.get("provider", cls.provider),
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -119,7 +126,17 @@ def load(config: HandlerConfig) -> _Model:
     folder = materialize(config.model_uri, config.cache_dir)
     ref = resolve(folder, config.version)
     try:
-        engine = Engine(ref.path, EngineConfig(intra_op_threads=config.threads, warmup_runs=1))
+        engine = Engine(
+            ref.path,
+            EngineConfig(
+                intra_op_threads=config.threads,
+                warmup_runs=1,
+                runtime=config.runtime,
+                provider=config.provider,
+            ),
+        )
+    except ValueError as exc:  # an unknown runtime or provider
+        raise ConfigError(str(exc)) from None
     except ModelError:
         if is_remote(config.model_uri):
             forget(ref.path)  # an unusable download must not be reused by the next start

@@ -74,17 +74,25 @@ def litert(
             envvar="TINYSERVE_LITERT_PYTHON",
         ),
     ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Convert the parent's training checkpoint (its PyTorch ServingModel) instead "
+            "of its ONNX graph rebuilt in PyTorch; it must be the one the parent was exported "
+            "from."
+        ),
+    ] = None,
     samples: SamplesOption = None,
     tolerance: ToleranceOption = None,
     data: DataOption = "fashion-mnist",
     data_dir: DataDirOption = None,
     force: ForceOption = False,
 ) -> None:
-    """ONNX -> LiteRT (model.tflite) through PyTorch and litert-torch, served by --runtime
-    litert (or auto)."""
+    """PyTorch -> LiteRT (model.tflite) with litert-torch, from the version's ONNX graph or
+    its checkpoint; served by --runtime litert (or auto)."""
     _run(
         model_dir, "litert", parent, samples, tolerance, data, data_dir, force,
-        int8=int8, converter_python=converter_python,
+        int8=int8, converter_python=converter_python, checkpoint=checkpoint,
     )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """ONNX model -> LiteRT flat buffer, through PyTorch and ``litert-torch``; run as a script.
 
     python -m tinyserve.training.litert_export SOURCE.onnx TARGET.tflite [--int8]
+    python -m tinyserve.training.litert_export --checkpoint BEST.pt TARGET.tflite [--int8]
 
 ``litert-torch`` converts a PyTorch module. A tinyserve ONNX file already holds the whole
 serving graph, preprocessing included (uint8 NHWC in, logits out), so this script rebuilds
@@ -8,6 +9,9 @@ that graph as a PyTorch module (``OnnxModule``: the initializers as buffers, the
 in order with their ``torch`` counterparts) and converts it: the .tflite takes the same
 uint8 input and does the same cast, scaling, normalization and transpose inside its graph.
 It works for every repository version, whether or not its training checkpoint is at hand.
+Given the checkpoint instead (``--checkpoint``), the script converts the training module
+itself, ``ServingModel`` (the network behind the same in-graph preprocessing as the ONNX
+export), as the seed's PyTorch -> LiteRT path.
 ``--int8`` then quantizes the weights to INT8 with ``ai-edge-quantizer`` (dynamic range:
 INT8 weights, float activations, no calibration data needed), which litert-torch brings.
 
@@ -28,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tinyserve.errors import TinyServeError
 
 # ONNX TensorProto data types -> torch
 _DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64}
@@ -165,15 +171,12 @@ class OnnxModule(nn.Module):
         return values[self.output_name]  # type: ignore[no-any-return]
 
 
-def convert(source: Path, target: Path, int8: bool = False) -> None:
-    """Write the LiteRT form of the ONNX model ``source`` to ``target``."""
+def convert(source: Path, target: Path, int8: bool = False, checkpoint: bool = False) -> None:
+    """Write the LiteRT form of ``source`` to ``target``: an ONNX model, or with
+    ``checkpoint`` a training checkpoint's ``ServingModel``."""
     import litert_torch
-    import onnx
 
-    model = onnx.load(str(source))
-    module = OnnxModule(model).eval()
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    shape = [1] + [int(d.dim_value) for d in dims[1:]]
+    module, shape = _from_checkpoint(source) if checkpoint else _from_onnx(source)
     sample = torch.zeros(shape, dtype=torch.uint8)
     with torch.no_grad():
         edge = litert_torch.convert(module, (sample,))
@@ -186,16 +189,33 @@ def convert(source: Path, target: Path, int8: bool = False) -> None:
         weights.quantize().export_model(str(target), overwrite=True)
 
 
+def _from_onnx(source: Path) -> tuple[nn.Module, list[int]]:
+    import onnx
+
+    model = onnx.load(str(source))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return OnnxModule(model).eval(), [1] + [int(d.dim_value) for d in dims[1:]]
+
+
+def _from_checkpoint(source: Path) -> tuple[nn.Module, list[int]]:
+    from tinyserve.training.train import build_from_checkpoint, load_checkpoint
+
+    state = load_checkpoint(source)
+    meta = state["meta"]
+    return build_from_checkpoint(state), [1, meta["height"], meta["width"], meta["in_channels"]]
+
+
 def main(argv: Sequence[str]) -> int:
-    args = [a for a in argv if a != "--int8"]
+    args = [a for a in argv if a not in ("--int8", "--checkpoint")]
     if len(args) != 2:
         print(
-            "usage: python -m tinyserve.training.litert_export SOURCE.onnx TARGET.tflite [--int8]"
+            "usage: python -m tinyserve.training.litert_export [--checkpoint] SOURCE "
+            "TARGET.tflite [--int8]"
         )
         return 2
     try:
-        convert(Path(args[0]), Path(args[1]), "--int8" in argv)
-    except ValueError as exc:
+        convert(Path(args[0]), Path(args[1]), "--int8" in argv, "--checkpoint" in argv)
+    except (ValueError, TinyServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
