@@ -141,20 +141,22 @@ def serve_uvicorn(
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op
     # handler here makes a drained shutdown exit 0, as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config, peers),
-            host=run.host,
-            port=run.port,
-            loop="auto",
-            http=bounded_protocol(run.client_timeout_s),  # httptools; 431 and 408 for abusers
-            ws="none",  # no WebSocket routes; spares importing a WebSocket implementation
-            access_log=False,
-            log_level=run.log_level,
-            timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
-            server_header=False,
-        )
-    )
+    options: dict[str, Any] = {
+        "host": run.host,
+        "port": run.port,
+        "loop": "auto",
+        "http": bounded_protocol(run.client_timeout_s),  # httptools; 431 and 408 for abusers
+        "ws": "none",  # no WebSocket routes; spares importing a WebSocket implementation
+        "access_log": False,
+        "log_level": run.log_level,
+        "timeout_graceful_shutdown": int(config.drain_timeout_s) or None,
+        "server_header": False,
+    }
+    app = create_app(config, peers)
+    if sockets is None:
+        uvicorn.run(app, **options)  # exits with uvicorn's status when the start fails
+        return
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run(sockets=sockets)
     if not server.started:
         raise SystemExit(3)  # as uvicorn.run: the start failed, and uvicorn has logged why
