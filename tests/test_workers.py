@@ -75,6 +75,40 @@ def test_a_reload_reaches_every_worker(serve: Callable[..., Server], tmp_path: P
     assert {a["version"] for a in _predict_fresh(server.url, 16)} == {3}
     stats = httpx.get(f"{server.url}/stats").json()
     assert all(w["total_requests"] > 0 for w in stats["workers"]), stats["workers"]
+    # SIGHUP to the supervisor reloads every worker too.
+    shutil.copytree(model / "1", model / "4")
+    server.process.send_signal(signal.SIGHUP)
+
+    def everywhere_4() -> bool:
+        return {a["version"] for a in _predict_fresh(server.url, 8)} == {4}
+
+    wait_until(everywhere_4, 30)
+    assert {a["version"] for a in _predict_fresh(server.url, 16)} == {4}
+
+
+@pytest.mark.slow
+def test_a_revoked_key_stops_working_in_every_worker(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    from tinyserve.auth import create_key, revoke_key
+
+    keys = tmp_path / "keys.json"
+    _, secret = create_key(keys, "alice")
+    server = serve("--workers", "2", env={"TINYSERVE_API_KEYS": str(keys)})
+    alice = {"authorization": f"Bearer {secret}", "connection": "close"}
+
+    def statuses() -> set[int]:
+        return {
+            httpx.post(f"{server.url}/predict", content=BODY, headers=alice).status_code
+            for _ in range(16)
+        }
+
+    assert statuses() == {200}
+    revoke_key(keys, "alice")
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    response = httpx.post(f"{server.url}/admin/keys/reload", headers=auth)
+    assert response.status_code == 200, response.text
+    assert statuses() == {401}  # whichever worker each connection reached
 
 
 @pytest.mark.slow
