@@ -84,7 +84,8 @@ def command(variant: str, repo: Path, port: int, work: Path) -> list[str]:
 
 
 def wrk(url: str, connections: int, seconds: float, env: dict[str, str]) -> str:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", env["LUA"], url]
+    duration = f"-d{max(1, round(seconds))}s"  # wrk takes whole seconds
+    cmd = ["wrk", "-t1", f"-c{connections}", duration, "--latency", "-s", env["LUA"], url]
     return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
 
 
