@@ -192,13 +192,14 @@ def _worker(config: ServerConfig, run: RunConfig, peers: Peers) -> None:
     # Until the server takes SIGHUP over (a reload), one forwarded during start-up must not
     # end the process, which is what SIGHUP does by default.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Bound, not listening: the server listens once its models are loaded, and until then the
+    # kernel hands new connections to the workers that are (none lands in a loading one's
+    # backlog, at start or when a worker is replaced).
     tcp = _bind(run.host, run.port)
-    tcp.listen(2048)
     path = peers.socket_path(peers.index)
     path.unlink(missing_ok=True)  # a replaced worker's socket
     private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     private.bind(str(path))
-    private.listen(64)
     serve_uvicorn(config, run, peers, [tcp, private])
 
 
