@@ -42,6 +42,8 @@ def _counter(metrics: str, name: str, labels: str) -> float:
 @pytest.mark.slow
 def test_two_workers_share_one_port_and_count_together(serve: Callable[..., Server]) -> None:
     server = serve("--workers", "2")
+    # Ready means one worker serves; /stats waits for the other through its Unix socket.
+    assert len(httpx.get(f"{server.url}/stats", timeout=60).json()["workers"]) == 2
     _predict_fresh(server.url, 24)
     stats = httpx.get(f"{server.url}/stats").json()
     assert stats["total_requests"] == 24
@@ -191,8 +193,8 @@ def test_peers_report_a_sibling_that_does_not_answer(tmp_path: Path) -> None:
     assert not peers.is_forwarded({"x-tinyserve-peer": "t" * 32})
     assert not peers.is_forwarded({})
     [answer] = asyncio.run(peers.forward("GET", "/stats", {}, timeout_s=2))
-    assert (answer.worker, answer.status) == (1, 0)
-    assert b"worker 1 did not answer" in answer.body
+    assert (answer.worker, answer.status, answer.running) == (1, 0, False)
+    assert b"worker 1 is not running" in answer.body
     with pytest.raises(ValueError, match="outside"):
         Peers(tmp_path, index=2, count=2, secret="s" * 32)
 

@@ -200,6 +200,9 @@ def _worker(config: ServerConfig, run: RunConfig, peers: Peers) -> None:
     path.unlink(missing_ok=True)  # a replaced worker's socket
     private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     private.bind(str(path))
+    # Listening from now on: a sibling's call waits in the backlog until this worker serves
+    # (a reload then finds it loading the newest models anyway), instead of being refused.
+    private.listen(64)
     serve_uvicorn(config, run, peers, [tcp, private])
 
 
