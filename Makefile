@@ -11,6 +11,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # The converter environment of `tinyserve convert litert` (litert-torch cannot share .venv).
 LITERT_VENV ?= .venv-litert
+# What bench-compare measures; add efficientnet-lite0=FOLDER (tinyserve import efficientnet-lite0).
+COMPARE_MODELS ?= fashion-cnn:1,fashion-cnn:2,resnet50
 
 .PHONY: help install lock data run test lint typecheck pytest format bench bench-compare clean \
 	ui-screenshots reliability reliability-quick litert-env
@@ -54,10 +56,11 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests scripts benchmarks
 	$(BIN)/ruff format src tests scripts benchmarks
 
-bench-compare: install  ## tinyserve vs FastAPI, LitServe and bare ONNX Runtime (about 25 minutes)
-	$(BIN)/python benchmarks/compare_servers.py --reps 3 --duration 5 --out runs/compare-servers
+bench-compare: install  ## tinyserve (4 bodies, 2 workers) vs FastAPI, LitServe, bare ONNX Runtime; each goal's ratio (about 40 minutes)
+	$(BIN)/python benchmarks/compare_servers.py --models $(COMPARE_MODELS) --reps 3 --duration 5 \
+		--out runs/compare-servers
 
-bench: bench-compare  ## every performance check of benchmarks/RESULTS.md (about 35 minutes)
+bench: bench-compare  ## every performance check of benchmarks/RESULTS.md (about 55 minutes)
 	@mkdir -p runs/bench
 	$(BIN)/tinyserve bench http noop --image samples/fashion/0000_ankle-boot.png \
 		--concurrency 1,8,32,64 --warmup 1 --duration 5 --json > runs/bench/loadgen-capacity.json
@@ -65,6 +68,7 @@ bench: bench-compare  ## every performance check of benchmarks/RESULTS.md (about
 	$(BIN)/python benchmarks/large_photo_decode.py --runs 15 | tee runs/bench/large-photo.md
 	$(BIN)/tinyserve bench model models/fashion-cnn --batch-sizes 1,8,32,256 --threads 1,2 \
 		--json > runs/bench/engine-fashion-cnn.json
+	$(BIN)/python benchmarks/serve_modes.py --rounds 3 --duration 5 | tee runs/bench/serve-modes.md
 
 reliability: install  ## soak, overload, faults, fuzzing: the table of RESULTS.md (about 25 minutes)
 	$(BIN)/python benchmarks/reliability.py --out runs/reliability

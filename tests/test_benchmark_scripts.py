@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import compare_servers  # noqa: E402
 import large_photo_decode  # noqa: E402
+import serve_modes  # noqa: E402
 import server_cold_start  # noqa: E402
 
 
@@ -158,3 +159,17 @@ def test_reliability_before_needs_a_tinyserve_tree(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert answer.returncode != 0 and "has no src/tinyserve" in answer.stderr
+
+
+def test_serve_modes_reads_cpu_time_and_wrk_latencies() -> None:
+    assert serve_modes.tree_cpu_s(os.getpid()) > 0
+    assert serve_modes._ms("710.00us") == pytest.approx(0.71)
+    assert serve_modes._ms("1.23ms") == pytest.approx(1.23)
+    assert serve_modes._ms("1.50s") == pytest.approx(1500.0)
+
+
+@pytest.mark.slow
+def test_reuseport_spreads_connections_over_both_processes() -> None:
+    shared, own = serve_modes.spread(False), serve_modes.spread(True)
+    assert sum(shared) == sum(own) == 64
+    assert min(own) > 0  # hashed over both sockets: one left empty has odds of 2**-63

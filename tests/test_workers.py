@@ -42,6 +42,8 @@ def _counter(metrics: str, name: str, labels: str) -> float:
 @pytest.mark.slow
 def test_two_workers_share_one_port_and_count_together(serve: Callable[..., Server]) -> None:
     server = serve("--workers", "2")
+    # Ready means one worker serves; /stats waits for the other through its Unix socket.
+    assert len(httpx.get(f"{server.url}/stats", timeout=60).json()["workers"]) == 2
     _predict_fresh(server.url, 24)
     stats = httpx.get(f"{server.url}/stats").json()
     assert stats["total_requests"] == 24
@@ -75,6 +77,40 @@ def test_a_reload_reaches_every_worker(serve: Callable[..., Server], tmp_path: P
     assert {a["version"] for a in _predict_fresh(server.url, 16)} == {3}
     stats = httpx.get(f"{server.url}/stats").json()
     assert all(w["total_requests"] > 0 for w in stats["workers"]), stats["workers"]
+    # SIGHUP to the supervisor reloads every worker too.
+    shutil.copytree(model / "1", model / "4")
+    server.process.send_signal(signal.SIGHUP)
+
+    def everywhere_4() -> bool:
+        return {a["version"] for a in _predict_fresh(server.url, 8)} == {4}
+
+    wait_until(everywhere_4, 30)
+    assert {a["version"] for a in _predict_fresh(server.url, 16)} == {4}
+
+
+@pytest.mark.slow
+def test_a_revoked_key_stops_working_in_every_worker(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    from tinyserve.auth import create_key, revoke_key
+
+    keys = tmp_path / "keys.json"
+    _, secret = create_key(keys, "alice")
+    server = serve("--workers", "2", env={"TINYSERVE_API_KEYS": str(keys)})
+    alice = {"authorization": f"Bearer {secret}", "connection": "close"}
+
+    def statuses() -> set[int]:
+        return {
+            httpx.post(f"{server.url}/predict", content=BODY, headers=alice).status_code
+            for _ in range(16)
+        }
+
+    assert statuses() == {200}
+    revoke_key(keys, "alice")
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    response = httpx.post(f"{server.url}/admin/keys/reload", headers=auth)
+    assert response.status_code == 200, response.text
+    assert statuses() == {401}  # whichever worker each connection reached
 
 
 @pytest.mark.slow
@@ -157,8 +193,8 @@ def test_peers_report_a_sibling_that_does_not_answer(tmp_path: Path) -> None:
     assert not peers.is_forwarded({"x-tinyserve-peer": "t" * 32})
     assert not peers.is_forwarded({})
     [answer] = asyncio.run(peers.forward("GET", "/stats", {}, timeout_s=2))
-    assert (answer.worker, answer.status) == (1, 0)
-    assert b"worker 1 did not answer" in answer.body
+    assert (answer.worker, answer.status, answer.running) == (1, 0, False)
+    assert b"worker 1 is not running" in answer.body
     with pytest.raises(ValueError, match="outside"):
         Peers(tmp_path, index=2, count=2, secret="s" * 32)
 

@@ -166,7 +166,7 @@ class ServingContext:
             self.publish_queue_depths()
             await asyncio.sleep(QUEUE_DEPTH_PERIOD_S)
 
-    async def on_siblings(self, call: Call, body: bytes = b"") -> list[Answer]:
+    async def on_siblings(self, call: Call) -> list[Answer]:
         """Make ``call`` again on every other worker (a reload must reach the whole server);
         nothing when there are none, or when ``call`` itself came from a sibling."""
         peers = self.peers
@@ -174,7 +174,7 @@ class ServingContext:
             return []
         query = call.scope.get("query_string", b"").decode("latin-1")
         target = call.path + (f"?{query}" if query else "")
-        return await peers.forward(call.method, target, call.headers, body)
+        return await peers.forward(call.method, target, call.headers)
 
     # -- what a request needs -------------------------------------------------------------
 

@@ -347,6 +347,10 @@ def merge_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 totals[name] = totals.get(name, 0) + count
         for entry in part["models_loaded"]:
             loaded[entry["model"], entry["version"]] = entry
+    workers = [
+        {"worker": part.get("worker", i), "pid": part["pid"], "total_requests": part["total"]}
+        for i, part in enumerate(snapshots)
+    ]
     return {
         "started": min(part["started"] for part in snapshots),
         "total": sum(part["total"] for part in snapshots),
@@ -357,10 +361,7 @@ def merge_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "queue_depth": queue,
         **{key: dict(sorted(totals.items())) for key, totals in sums.items()},
         "models_loaded": [loaded[key] for key in sorted(loaded)],
-        "workers": [
-            {"worker": part.get("worker", i), "pid": part["pid"], "total_requests": part["total"]}
-            for i, part in enumerate(snapshots)
-        ],
+        "workers": sorted(workers, key=lambda entry: entry["worker"]),
     }
 
 

@@ -32,11 +32,16 @@ _KEPT = ("authorization", "x-api-key", "content-type", "accept")
 
 @dataclass(frozen=True)
 class Answer:
-    """One sibling's answer: its index, status and body (status 0: it did not answer)."""
+    """One sibling's answer: its index, status and body (status 0: it did not answer).
+
+    ``running`` is False when no process listens on its socket: it died and the supervisor
+    is replacing it, and the replacement loads everything afresh when it starts.
+    """
 
     worker: int
     status: int
     body: bytes
+    running: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class Peers:
                     status, answer, _ = await read_response(reader)
                 finally:
                     writer.close()
+        except (ConnectionRefusedError, FileNotFoundError):
+            return Answer(index, 0, f"worker {index} is not running".encode(), running=False)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as exc:
             message = f"worker {index} did not answer: {exc or type(exc).__name__}"
             return Answer(index, 0, message.encode())

@@ -351,7 +351,9 @@ async def _everywhere(context: ServingContext, call: Call, error: type[TinyServe
     """Repeat an admin call that this worker has done on the other workers, if any; raises
     ``error`` with the first failure's message, since the server now disagrees with itself."""
     for answer in await context.on_siblings(call):
-        if answer.status != 200:
+        if not answer.running:  # being replaced: its successor reads everything afresh
+            log.info("worker %d is restarting; it loads the current files", answer.worker)
+        elif answer.status != 200:
             try:
                 message = orjson.loads(answer.body)["error"]["message"]
             except (orjson.JSONDecodeError, KeyError, TypeError):

@@ -142,20 +142,21 @@ def serve_uvicorn(
     # handler here makes a drained shutdown exit 0, as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
     app = create_app(config, peers)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=run.host,
-            port=run.port,
-            loop="auto",
-            http=bounded_protocol(run.client_timeout_s, app.refusal),  # 431, 408, early 503
-            ws="none",  # no WebSocket routes; spares importing a WebSocket implementation
-            access_log=False,
-            log_level=run.log_level,
-            timeout_graceful_shutdown=int(config.drain_timeout_s) or None,
-            server_header=False,
-        )
-    )
+    options: dict[str, Any] = {
+        "host": run.host,
+        "port": run.port,
+        "loop": "auto",
+        "http": bounded_protocol(run.client_timeout_s, app.refusal),  # 431, 408, early 503
+        "ws": "none",  # no WebSocket routes; spares importing a WebSocket implementation
+        "access_log": False,
+        "log_level": run.log_level,
+        "timeout_graceful_shutdown": int(config.drain_timeout_s) or None,
+        "server_header": False,
+    }
+    if sockets is None:
+        uvicorn.run(app, **options)  # exits with uvicorn's status when the start fails
+        return
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run(sockets=sockets)
     if not server.started:
         raise SystemExit(3)  # as uvicorn.run: the start failed, and uvicorn has logged why
@@ -191,12 +192,16 @@ def _worker(config: ServerConfig, run: RunConfig, peers: Peers) -> None:
     # Until the server takes SIGHUP over (a reload), one forwarded during start-up must not
     # end the process, which is what SIGHUP does by default.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Bound, not listening: the server listens once its models are loaded, and until then the
+    # kernel hands new connections to the workers that are (none lands in a loading one's
+    # backlog, at start or when a worker is replaced).
     tcp = _bind(run.host, run.port)
-    tcp.listen(2048)
     path = peers.socket_path(peers.index)
     path.unlink(missing_ok=True)  # a replaced worker's socket
     private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     private.bind(str(path))
+    # Listening from now on: a sibling's call waits in the backlog until this worker serves
+    # (a reload then finds it loading the newest models anyway), instead of being refused.
     private.listen(64)
     serve_uvicorn(config, run, peers, [tcp, private])
 
