@@ -11,6 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # The converter environment of `tinyserve convert litert` (litert-torch cannot share .venv).
 LITERT_VENV ?= .venv-litert
+LITERT_STAMP := $(LITERT_VENV)/.installed-$(shell cat requirements-litert.lock | cksum | cut -d' ' -f1)
 # What bench-compare measures; add efficientnet-lite0=FOLDER (tinyserve import efficientnet-lite0).
 COMPARE_MODELS ?= fashion-cnn:1,fashion-cnn:2,resnet50
 
@@ -49,8 +50,8 @@ lint: $(STAMP)  ## ruff check and ruff format --check
 typecheck: $(STAMP)  ## mypy --strict on src/
 	$(BIN)/mypy
 
-pytest: $(STAMP)
-	$(BIN)/pytest -q
+pytest: $(STAMP) $(LITERT_STAMP)  ## the test suite (the LiteRT conversions in .venv-litert)
+	TINYSERVE_LITERT_PYTHON=$(CURDIR)/$(LITERT_VENV)/bin/python $(BIN)/pytest -q
 
 format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests scripts benchmarks
@@ -79,10 +80,15 @@ reliability-quick: install  ## the same, reduced (about 5 minutes)
 ui-screenshots: install  ## every view of the web page, desktop and phone width, in runs/ui/
 	$(BIN)/python scripts/ui_screenshots.py --out runs/ui
 
-litert-env:  ## the environment `tinyserve convert litert` runs litert-torch in (torch 2.13.0)
+# The converter environment: exactly requirements-litert.lock (make lock writes it).
+$(LITERT_STAMP): requirements-litert.lock
 	@test -x $(LITERT_VENV)/bin/python || $(PYTHON) -m venv $(LITERT_VENV)
-	$(LITERT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
-		torch==2.13.0 "litert-torch==0.10.*" onnx
+	$(LITERT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		-r requirements-litert.lock
+	@$(LITERT_VENV)/bin/python -m pip check || { echo "requirements-litert.lock misses a requirement: make lock" >&2; exit 1; }
+	@rm -f $(LITERT_VENV)/.installed-* && touch $@
+
+litert-env: $(LITERT_STAMP)  ## the environment `tinyserve convert litert` runs litert-torch in
 	@echo "export TINYSERVE_LITERT_PYTHON=$(CURDIR)/$(LITERT_VENV)/bin/python"
 
 clean:  ## remove the virtual environments and caches

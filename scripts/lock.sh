@@ -31,3 +31,19 @@ platform=$("$tmp/venv/bin/python" -c \
 } > "$LOCK.tmp"
 mv "$LOCK.tmp" "$LOCK"
 echo "wrote $LOCK: $(grep -vc '^#' "$LOCK") packages for $platform"
+
+# The converter environment of `tinyserve convert litert` (requirements-litert.in), locked
+# the same way in a venv of its own.
+LITERT_LOCK=${LITERT_LOCK:-requirements-litert.lock}
+"$PYTHON" -m venv "$tmp/litert"
+litert=("$tmp/litert/bin/python" -m pip --disable-pip-version-check)
+"${litert[@]}" install --quiet -r requirements-litert.in
+"${litert[@]}" check
+{
+  echo "# Every package of the converter environment (requirements-litert.in), pinned, for"
+  echo "# $platform. Written by \`make lock\`; \`make litert-env\` installs exactly these."
+  "${litert[@]}" freeze --all | grep -v '^pip==' \
+    | sed -E 's/^(torch==[^+]+)\+cpu$/\1/' | LC_ALL=C sort -f
+} > "$LITERT_LOCK.tmp"
+mv "$LITERT_LOCK.tmp" "$LITERT_LOCK"
+echo "wrote $LITERT_LOCK: $(grep -vc '^#' "$LITERT_LOCK") packages"

@@ -243,8 +243,9 @@ def litert_python(given: str | None) -> str:
     raise RuntimeUnavailable(
         "converting to LiteRT needs litert-torch, which this environment does not have (it "
         "needs typing-extensions<4.13 and brings jax, so it lives in an environment of its "
-        "own): python3 -m venv .venv-litert && .venv-litert/bin/pip install torch==2.13.0 "
-        "litert-torch onnx, then pass --converter-python .venv-litert/bin/python (or set "
+        "own): `make litert-env` builds .venv-litert from requirements-litert.lock (or "
+        "python3 -m venv .venv-litert && .venv-litert/bin/pip install torch==2.13.0 "
+        "litert-torch onnx); then pass --converter-python .venv-litert/bin/python (or set "
         f"{LITERT_PYTHON_ENV})"
     )
 
