@@ -1,6 +1,6 @@
 """The ``tinyserve`` command line: thin subcommands over the library, one module per family.
 
-``train`` (train, export, prune, distill, import), ``models`` (evaluate, quantize, predict),
+``train`` (train, export, prune, distill, qat, import), ``models`` (evaluate, quantize, predict),
 ``serve``, ``bench``, ``keys`` (API keys), ``pull`` (S3 into a folder), ``monitor`` (a live
 view of servers), and ``video`` (video, data scenes, bench video).
 Heavy imports (torch, onnxruntime, uvicorn) happen inside each command, so ``--help`` is fast
@@ -49,6 +49,7 @@ app.command()(serve.serve)
 app.command()(models.quantize)
 app.command()(train.prune)
 app.command()(train.distill)
+app.command()(train.qat)
 app.command("import")(train.import_model)
 app.command()(pull.pull)
 app.command()(monitor.monitor)

@@ -29,6 +29,17 @@ def train(
     schedule: Annotated[str, typer.Option(help="onecycle or cosine.")] = "onecycle",
     label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.0,
     erase_prob: Annotated[float, typer.Option(help="Random-erasing probability.")] = 0.0,
+    ema: Annotated[
+        float,
+        typer.Option(
+            help="Keep an exponential moving average of the weights with this decay (e.g. "
+            "0.999); validation scores it and the checkpoints hold it. 0 = off."
+        ),
+    ] = 0.0,
+    widths: Annotated[
+        str | None,
+        typer.Option(help="Stage widths of the architecture, e.g. 32,64,112 for vgg_lite."),
+    ] = None,
     image_size: Annotated[int, typer.Option(help="Input side for image folders.")] = 64,
     channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB) for image folders.")] = 3,
     max_train_samples: Annotated[
@@ -84,6 +95,8 @@ def train(
         schedule=schedule,
         label_smoothing=label_smoothing,
         erase_prob=erase_prob,
+        ema=ema,
+        widths=_widths(widths),
         image_size=image_size,
         channels=channels,
         max_train_samples=max_train_samples,
@@ -308,6 +321,47 @@ def prune(
     console.print(f"checkpoint {result.checkpoint}; export it with 'tinyserve export'")
 
 
+def qat(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by 'tinyserve train'.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder for the fine-tuned checkpoint.")],
+    epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs.")] = 3,
+    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate.")] = 0.01,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    reduce_range: Annotated[
+        bool, typer.Option(help="7-bit weights, as 'tinyserve quantize' uses by default.")
+    ] = True,
+    max_train_samples: Annotated[
+        int | None, typer.Option(help="Fine-tune on the first N images only (quick trials).")
+    ] = None,
+    data_dir: DataDirOption = None,
+    threads: Annotated[int, typer.Option(help="Torch threads; 0 = all cores given.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Quantization-aware fine-tuning: train under simulated INT8, then export and quantize."""
+    from tinyserve.training.qat import QatConfig, qat_finetune
+
+    config = build_config(
+        QatConfig,
+        checkpoint=checkpoint,
+        out=out,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        reduce_range=reduce_range,
+        max_train_samples=max_train_samples,
+        data_dir=data_dir,
+        threads=threads,
+    )
+    result = qat_finetune(config, progress=progress)
+    typer.echo(
+        f"validation accuracy under simulated INT8 {result.val_accuracy:.2%} "
+        f"({result.quantized_layers} layers); checkpoint {result.checkpoint}; then "
+        f"'tinyserve export {result.checkpoint} --name NAME' and "
+        f"'tinyserve quantize models/NAME --mode static'"
+        + ("" if reduce_range else " --no-reduce-range")
+    )
+
+
 def distill(
     teacher: Annotated[Path, typer.Option(help="The teacher's checkpoint.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder for the student.")],
@@ -489,6 +543,17 @@ def _preprocessing(
         if len(means) != in_channels or len(stds) != in_channels:
             raise ConfigError(f"--in-channels {in_channels} needs that many --mean/--std values")
     return names, means, stds
+
+
+def _widths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--widths takes comma-separated integers, e.g. 32,64,112; got {text!r}"
+        ) from None
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from tinyserve.training.train import (
     TrainConfig,
     build_from_checkpoint,
     evaluate_model,
+    finetune_config,
     fit,
     load_checkpoint,
 )
@@ -251,20 +252,15 @@ def _default_widths(cls: type) -> list[int] | None:
 
 def _train_config(meta: dict[str, Any], config: PruneConfig) -> TrainConfig:
     """The parent's training setup, shortened to a fine-tuning run."""
-    recorded = dict(meta["train_config"])
-    known = set(TrainConfig.__dataclass_fields__)
-    base = TrainConfig(
-        **{k: v for k, v in recorded.items() if k in known and k != "out"}, out=config.out
-    )
-    return replace(
-        base,
-        data_dir=config.data_dir or (Path(base.data_dir) if base.data_dir else None),
+    return finetune_config(
+        meta,
+        config.out,
+        data_dir=config.data_dir,
         epochs=config.epochs,
         lr=config.lr,
         batch_size=config.batch_size,
         max_train_samples=config.max_train_samples,
         threads=config.threads,
-        resume=False,
         schedule="cosine",
     )
 
