@@ -273,44 +273,83 @@ def export(
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by 'tinyserve train'.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder for the pruned checkpoint.")],
-    ratio: Annotated[float, typer.Option(help="Fraction of each layer's channels removed.")] = 0.5,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="channels (structured: a narrower, faster network) or magnitude (global "
+            "unstructured L1: zeros in full-size tensors, which compress but run no faster)."
+        ),
+    ] = "channels",
+    ratio: Annotated[
+        float,
+        typer.Option(help="Fraction removed: of each layer's channels, or of all weights."),
+    ] = 0.5,
     epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs.")] = 3,
     lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate.")] = 0.02,
+    ramp: Annotated[
+        float, typer.Option(help="magnitude: share of the fine-tuning that ramps sparsity up.")
+    ] = 0.6,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     data_dir: DataDirOption = None,
     threads: Annotated[int, typer.Option(help="Torch threads; 0 = all cores given.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Structured channel pruning plus fine-tuning; reports size, accuracy and latency."""
-    from tinyserve.training.prune import PruneConfig, prune_checkpoint
-
-    config = build_config(
-        PruneConfig,
-        checkpoint=checkpoint,
-        out=out,
-        ratio=ratio,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        data_dir=data_dir,
-        threads=threads,
-    )
-    result = prune_checkpoint(config, progress=progress)
+    """Prune and fine-tune (channels or magnitude); reports size, accuracy and latency."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"channel pruning {ratio:g} -> widths {result.widths}")
-    for column in ("", "parameters", "ONNX MB", "test acc", "p50 ms", "p99 ms", "img/s b256"):
+    from tinyserve.training.prune import Measured
+
+    rows: tuple[tuple[str, Measured], ...]
+    if method == "channels":
+        from tinyserve.training.prune import PruneConfig, prune_checkpoint
+
+        config = build_config(
+            PruneConfig,
+            checkpoint=checkpoint,
+            out=out,
+            ratio=ratio,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            data_dir=data_dir,
+            threads=threads,
+        )
+        result = prune_checkpoint(config, progress=progress)
+        title, saved = f"channel pruning {ratio:g} -> widths {result.widths}", result.checkpoint
+        rows = (("before", result.before), ("pruned", result.pruned), ("fine-tuned", result.after))
+    elif method == "magnitude":
+        from tinyserve.training.sparsity import SparsityConfig, sparsify_checkpoint
+
+        sparse_config = build_config(
+            SparsityConfig,
+            checkpoint=checkpoint,
+            out=out,
+            sparsity=ratio,
+            epochs=epochs,
+            lr=lr,
+            ramp=ramp,
+            batch_size=batch_size,
+            data_dir=data_dir,
+            threads=threads,
+        )
+        sparse = sparsify_checkpoint(sparse_config, progress=progress)
+        title, saved = f"magnitude pruning to {ratio:.0%} zeros", sparse.checkpoint
+        rows = (("before", sparse.before), ("at once", sparse.pruned), ("scheduled", sparse.after))
+    else:
+        raise ConfigError(f"--method must be channels or magnitude, got {method!r}")
+
+    table = Table(title=title)
+    columns = ("", "parameters", "zeros", "ONNX MB", "deflated MB", "test acc", "p50 ms")
+    for column in (*columns, "p99 ms", "img/s b256"):
         table.add_column(column, justify="right")
-    for name, m in (
-        ("before", result.before),
-        ("pruned", result.pruned),
-        ("fine-tuned", result.after),
-    ):
+    for name, m in rows:
         table.add_row(
             name,
             f"{m.parameters:,}",
+            f"{m.weight_sparsity:.0%}",
             f"{m.onnx_bytes / 1e6:.3f}",
+            f"{m.compressed_bytes / 1e6:.3f}",
             f"{m.test_accuracy:.2%}",
             f"{m.latency_ms['p50']:.3f}",
             f"{m.latency_ms['p99']:.3f}",
@@ -318,7 +357,7 @@ def prune(
         )
     console = Console()
     console.print(table)
-    console.print(f"checkpoint {result.checkpoint}; export it with 'tinyserve export'")
+    console.print(f"checkpoint {saved}; export it with 'tinyserve export'")
 
 
 def qat(

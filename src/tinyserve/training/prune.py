@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ class Measured:
 
     parameters: int
     onnx_bytes: int
+    compressed_bytes: int  # the ONNX file after deflate (zip, gzip): what zeros save
+    weight_sparsity: float  # fraction of zeros among convolution and linear weights
     test_accuracy: float
     latency_ms: dict[str, float]
     throughput_ips: float
@@ -106,8 +109,8 @@ def prune_checkpoint(config: PruneConfig, progress: bool = True) -> PruneResult:
     transfer_channels(original.net, slim)
 
     train_config = _train_config(meta, config)
-    test = _test_set(meta, train_config)
-    spec = _spec(meta)
+    test = test_set(meta, train_config)
+    spec = input_spec(meta)
     before = measure(original, test, spec, config.latency_runs)
     pruned = measure(
         ServingModel(slim, meta["mean"], meta["std"]).eval(), test, spec, config.latency_runs
@@ -211,14 +214,22 @@ def measure(model: ServingModel, test: ImageDataset, spec: InputSpec, runs: int)
         engine = Engine(path, EngineConfig())
         latency = batch1_latency(engine, test, runs)
         rate = throughput(engine, test.images, 256, 4096)
-        size = path.stat().st_size
+        data = path.read_bytes()
     return Measured(
         parameters=sum(p.numel() for p in model.net.parameters()),
-        onnx_bytes=size,
+        onnx_bytes=len(data),
+        compressed_bytes=len(zlib.compress(data, 9)),
+        weight_sparsity=round(weight_sparsity(model.net), 4),
         test_accuracy=round(accuracy, 6),
         latency_ms=latency,
         throughput_ips=round(rate, 1),
     )
+
+
+def weight_sparsity(net: nn.Module) -> float:
+    """The fraction of zeros among the convolution and linear weights of ``net``."""
+    weights = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def _strongest(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, count: int) -> torch.Tensor:
@@ -265,12 +276,12 @@ def _train_config(meta: dict[str, Any], config: PruneConfig) -> TrainConfig:
     )
 
 
-def _test_set(meta: dict[str, Any], config: TrainConfig) -> ImageDataset:
+def test_set(meta: dict[str, Any], config: TrainConfig) -> ImageDataset:
     return load_dataset(
-        config.data, "test", _spec(meta), config.data_dir, config.val_fraction, config.seed
+        config.data, "test", input_spec(meta), config.data_dir, config.val_fraction, config.seed
     )
 
 
-def _spec(meta: dict[str, Any]) -> InputSpec:
+def input_spec(meta: dict[str, Any]) -> InputSpec:
     channels = meta["in_channels"]
     return InputSpec(meta["height"], meta["width"], channels, "L" if channels == 1 else "RGB")

@@ -173,8 +173,8 @@ def qat_finetune(config: QatConfig, progress: bool = True) -> QatResult:
     extra: dict[str, Any] = {"lineage": lineage}
     if "arch_options" in meta:
         extra["arch_options"] = meta["arch_options"]
-    # Simulated rounding runs in float32 (bf16 would round again), and the weight average
-    # would copy the network without its rounding hooks.
+    # Simulated rounding runs in float32 (bf16 would round again); finetune_config keeps no
+    # weight average, which would copy the network without its rounding hooks.
     train = finetune_config(
         meta,
         config.out,
@@ -186,7 +186,6 @@ def qat_finetune(config: QatConfig, progress: bool = True) -> QatResult:
         threads=config.threads,
         schedule="cosine",
         precision="fp32",
-        ema=0.0,
     )
     result: TrainResult = fit(train, progress, net=net.train(), extra_meta=extra)
     report = QatResult(

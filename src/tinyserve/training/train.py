@@ -344,8 +344,10 @@ def build_from_checkpoint(state: Mapping[str, Any]) -> ServingModel:
 def finetune_config(meta: Mapping[str, Any], out: Path, **changes: Any) -> TrainConfig:
     """The training setup recorded in a checkpoint's ``meta``, changed into a fine-tuning run.
 
-    Everything not in ``changes`` (data, augmentation, optimizer) stays as the parent had it;
-    the run never resumes, and a ``data_dir`` of ``None`` in ``changes`` keeps the parent's.
+    Everything not in ``changes`` (data, augmentation, optimizer) stays as the parent had it,
+    except that the run never resumes and keeps no weight average unless ``changes`` sets
+    ``ema`` (a few epochs from trained weights need none); a ``data_dir`` of ``None`` in
+    ``changes`` keeps the parent's.
     """
     recorded = dict(meta["train_config"])
     known = set(TrainConfig.__dataclass_fields__)
@@ -353,7 +355,7 @@ def finetune_config(meta: Mapping[str, Any], out: Path, **changes: Any) -> Train
     if changes.get("data_dir", None) is None:
         changes.pop("data_dir", None)
         base["data_dir"] = Path(base["data_dir"]) if base.get("data_dir") else None
-    return TrainConfig(**{**base, "out": out, "resume": False, **changes})
+    return TrainConfig(**{**base, "out": out, "resume": False, "ema": 0.0, **changes})
 
 
 def write_history(result: TrainResult, config: TrainConfig, out: Path) -> None:
