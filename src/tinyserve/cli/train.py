@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from tinyserve.cli.options import DataDirOption, DataOption, build_config
+from tinyserve.cli.options import DataDirOption, DataOption, build_config, parse_widths
 from tinyserve.errors import ConfigError
 
 
@@ -96,7 +96,7 @@ def train(
         label_smoothing=label_smoothing,
         erase_prob=erase_prob,
         ema=ema,
-        widths=_widths(widths),
+        widths=parse_widths(widths),
         image_size=image_size,
         channels=channels,
         max_train_samples=max_train_samples,
@@ -582,17 +582,6 @@ def _preprocessing(
         if len(means) != in_channels or len(stds) != in_channels:
             raise ConfigError(f"--in-channels {in_channels} needs that many --mean/--std values")
     return names, means, stds
-
-
-def _widths(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ConfigError(
-            f"--widths takes comma-separated integers, e.g. 32,64,112; got {text!r}"
-        ) from None
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

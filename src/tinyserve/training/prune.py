@@ -199,7 +199,6 @@ def measure(model: ServingModel, test: ImageDataset, spec: InputSpec, runs: int)
     """Parameters, test accuracy (PyTorch), and ONNX size and speed (ONNX Runtime)."""
     import onnx
 
-    from tinyserve.compare import throughput
     from tinyserve.manifest import Manifest, write_manifest
     from tinyserve.training.export import to_onnx
 
@@ -211,15 +210,35 @@ def measure(model: ServingModel, test: ImageDataset, spec: InputSpec, runs: int)
         graph = to_onnx(model, spec)
         write_manifest(graph, Manifest(labels, spec))
         onnx.save(graph, str(path))
-        engine = Engine(path, EngineConfig())
-        latency = batch1_latency(engine, test, runs)
-        rate = throughput(engine, test.images, 256, 4096)
-        data = path.read_bytes()
+        return measure_file(path, test, runs, model.net, accuracy)
+
+
+def measure_file(
+    path: Path,
+    test: ImageDataset,
+    runs: int,
+    net: nn.Module,
+    accuracy: float | None = None,
+) -> Measured:
+    """Size and speed of the ONNX file at ``path`` (ONNX Runtime) for the network ``net``.
+
+    ``accuracy`` defaults to the file's own top-1 accuracy on ``test`` through ONNX Runtime
+    (a quantized file is measured as it runs, not as its float network would).
+    """
+    from tinyserve.compare import throughput
+    from tinyserve.evaluate import predict_classes
+
+    engine = Engine(path, EngineConfig())
+    if accuracy is None:
+        accuracy = float((predict_classes(engine, test) == test.labels).mean())
+    latency = batch1_latency(engine, test, runs)
+    rate = throughput(engine, test.images, 256, 4096)
+    data = path.read_bytes()
     return Measured(
-        parameters=sum(p.numel() for p in model.net.parameters()),
+        parameters=sum(p.numel() for p in net.parameters()),
         onnx_bytes=len(data),
         compressed_bytes=len(zlib.compress(data, 9)),
-        weight_sparsity=round(weight_sparsity(model.net), 4),
+        weight_sparsity=round(weight_sparsity(net), 4),
         test_accuracy=round(accuracy, 6),
         latency_ms=latency,
         throughput_ips=round(rate, 1),
