@@ -112,3 +112,21 @@ def test_augmentation_keeps_shape_and_dtype() -> None:
     assert not torch.equal(out, images)
     same = Augment(pad=0, flip=False)(images, torch.Generator())
     assert torch.equal(same, images)
+
+
+def test_weight_average_is_what_the_checkpoints_keep(image_folder: Path, tmp_path: Path) -> None:
+    config = tiny_train_config(tmp_path, image_folder, epochs=2, ema=0.9, widths=(8, 16, 16, 16))
+    fit(config, progress=False)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["meta"]["arch_options"] == {"widths": [8, 16, 16, 16]}
+    assert state["averaged_steps"] == 2 * 5  # 36 training images in batches of 8, twice
+    averaged, raw = state["model"], state["train_model"]
+    assert not torch.equal(averaged["classifier.2.weight"], raw["classifier.2.weight"])
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert "train_model" not in best and build_from_checkpoint(best) is not None
+    # resuming restores both sets of weights and the count of averaged steps
+    fit(TrainConfig(**{**config.__dict__, "resume": True, "epochs": 2}), progress=False)
+    with pytest.raises(ValueError, match="ema"):
+        TrainConfig(out=tmp_path, ema=1.0)
+    with pytest.raises(ValueError, match="widths"):
+        TrainConfig(out=tmp_path, widths=(8, 0))

@@ -1,9 +1,9 @@
 """The ``tinyserve`` command line: thin subcommands over the library, one module per family.
 
-``train`` (train, export, prune, distill, import), ``models`` (evaluate, quantize, predict),
-``serve``, ``bench``, ``convert`` (OpenVINO IR, LiteRT), ``keys`` (API keys), ``pull`` (S3
-into a folder), ``monitor`` (a live view of servers), and ``video`` (video, data scenes,
-bench video).
+``train`` (train, export, prune, distill, qat, import), ``optimize`` (the one-command
+pipeline), ``models`` (evaluate, quantize, predict), ``serve``, ``bench``, ``convert``
+(OpenVINO IR, LiteRT), ``keys`` (API keys), ``pull`` (S3 into a folder), ``monitor`` (a live
+view of servers), and ``video`` (video, data scenes, bench video).
 Heavy imports (torch, onnxruntime, uvicorn) happen inside each command, so ``--help`` is fast
 and ``serve`` never imports torch.
 """
@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from tinyserve import __version__
-from tinyserve.cli import bench, convert, keys, models, monitor, pull, serve, train, video
+from tinyserve.cli import bench, convert, keys, models, monitor, optimize, pull, serve, train, video
 from tinyserve.errors import TinyServeError
 
 app = typer.Typer(
@@ -50,6 +50,8 @@ app.command()(serve.serve)
 app.command()(models.quantize)
 app.command()(train.prune)
 app.command()(train.distill)
+app.command()(train.qat)
+app.command()(optimize.optimize)
 app.command("import")(train.import_model)
 app.command()(pull.pull)
 app.command()(monitor.monitor)

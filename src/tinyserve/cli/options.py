@@ -36,3 +36,15 @@ def build_config(cls: type[_T], **values: object) -> _T:
         return cls(**values)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def parse_widths(text: str | None) -> tuple[int, ...] | None:
+    """Stage widths from "32,64,112" (None stays None: the architecture's default)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--widths takes comma-separated integers, e.g. 32,64,112; got {text!r}"
+        ) from None

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from tinyserve.cli.options import DataDirOption, DataOption, build_config
+from tinyserve.cli.options import DataDirOption, DataOption, build_config, parse_widths
 from tinyserve.errors import ConfigError
 
 
@@ -29,6 +29,17 @@ def train(
     schedule: Annotated[str, typer.Option(help="onecycle or cosine.")] = "onecycle",
     label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.0,
     erase_prob: Annotated[float, typer.Option(help="Random-erasing probability.")] = 0.0,
+    ema: Annotated[
+        float,
+        typer.Option(
+            help="Keep an exponential moving average of the weights with this decay (e.g. "
+            "0.999); validation scores it and the checkpoints hold it. 0 = off."
+        ),
+    ] = 0.0,
+    widths: Annotated[
+        str | None,
+        typer.Option(help="Stage widths of the architecture, e.g. 32,64,112 for vgg_lite."),
+    ] = None,
     image_size: Annotated[int, typer.Option(help="Input side for image folders.")] = 64,
     channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB) for image folders.")] = 3,
     max_train_samples: Annotated[
@@ -84,6 +95,8 @@ def train(
         schedule=schedule,
         label_smoothing=label_smoothing,
         erase_prob=erase_prob,
+        ema=ema,
+        widths=parse_widths(widths),
         image_size=image_size,
         channels=channels,
         max_train_samples=max_train_samples,
@@ -260,44 +273,83 @@ def export(
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by 'tinyserve train'.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder for the pruned checkpoint.")],
-    ratio: Annotated[float, typer.Option(help="Fraction of each layer's channels removed.")] = 0.5,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="channels (structured: a narrower, faster network) or magnitude (global "
+            "unstructured L1: zeros in full-size tensors, which compress but run no faster)."
+        ),
+    ] = "channels",
+    ratio: Annotated[
+        float,
+        typer.Option(help="Fraction removed: of each layer's channels, or of all weights."),
+    ] = 0.5,
     epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs.")] = 3,
     lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate.")] = 0.02,
+    ramp: Annotated[
+        float, typer.Option(help="magnitude: share of the fine-tuning that ramps sparsity up.")
+    ] = 0.6,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     data_dir: DataDirOption = None,
     threads: Annotated[int, typer.Option(help="Torch threads; 0 = all cores given.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Structured channel pruning plus fine-tuning; reports size, accuracy and latency."""
-    from tinyserve.training.prune import PruneConfig, prune_checkpoint
-
-    config = build_config(
-        PruneConfig,
-        checkpoint=checkpoint,
-        out=out,
-        ratio=ratio,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        data_dir=data_dir,
-        threads=threads,
-    )
-    result = prune_checkpoint(config, progress=progress)
+    """Prune and fine-tune (channels or magnitude); reports size, accuracy and latency."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"channel pruning {ratio:g} -> widths {result.widths}")
-    for column in ("", "parameters", "ONNX MB", "test acc", "p50 ms", "p99 ms", "img/s b256"):
+    from tinyserve.training.prune import Measured
+
+    rows: tuple[tuple[str, Measured], ...]
+    if method == "channels":
+        from tinyserve.training.prune import PruneConfig, prune_checkpoint
+
+        config = build_config(
+            PruneConfig,
+            checkpoint=checkpoint,
+            out=out,
+            ratio=ratio,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            data_dir=data_dir,
+            threads=threads,
+        )
+        result = prune_checkpoint(config, progress=progress)
+        title, saved = f"channel pruning {ratio:g} -> widths {result.widths}", result.checkpoint
+        rows = (("before", result.before), ("pruned", result.pruned), ("fine-tuned", result.after))
+    elif method == "magnitude":
+        from tinyserve.training.sparsity import SparsityConfig, sparsify_checkpoint
+
+        sparse_config = build_config(
+            SparsityConfig,
+            checkpoint=checkpoint,
+            out=out,
+            sparsity=ratio,
+            epochs=epochs,
+            lr=lr,
+            ramp=ramp,
+            batch_size=batch_size,
+            data_dir=data_dir,
+            threads=threads,
+        )
+        sparse = sparsify_checkpoint(sparse_config, progress=progress)
+        title, saved = f"magnitude pruning to {ratio:.0%} zeros", sparse.checkpoint
+        rows = (("before", sparse.before), ("at once", sparse.pruned), ("scheduled", sparse.after))
+    else:
+        raise ConfigError(f"--method must be channels or magnitude, got {method!r}")
+
+    table = Table(title=title)
+    columns = ("", "parameters", "zeros", "ONNX MB", "deflated MB", "test acc", "p50 ms")
+    for column in (*columns, "p99 ms", "img/s b256"):
         table.add_column(column, justify="right")
-    for name, m in (
-        ("before", result.before),
-        ("pruned", result.pruned),
-        ("fine-tuned", result.after),
-    ):
+    for name, m in rows:
         table.add_row(
             name,
             f"{m.parameters:,}",
+            f"{m.weight_sparsity:.0%}",
             f"{m.onnx_bytes / 1e6:.3f}",
+            f"{m.compressed_bytes / 1e6:.3f}",
             f"{m.test_accuracy:.2%}",
             f"{m.latency_ms['p50']:.3f}",
             f"{m.latency_ms['p99']:.3f}",
@@ -305,7 +357,48 @@ def prune(
         )
     console = Console()
     console.print(table)
-    console.print(f"checkpoint {result.checkpoint}; export it with 'tinyserve export'")
+    console.print(f"checkpoint {saved}; export it with 'tinyserve export'")
+
+
+def qat(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by 'tinyserve train'.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder for the fine-tuned checkpoint.")],
+    epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs.")] = 3,
+    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate.")] = 0.01,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    reduce_range: Annotated[
+        bool, typer.Option(help="7-bit weights, as 'tinyserve quantize' uses by default.")
+    ] = True,
+    max_train_samples: Annotated[
+        int | None, typer.Option(help="Fine-tune on the first N images only (quick trials).")
+    ] = None,
+    data_dir: DataDirOption = None,
+    threads: Annotated[int, typer.Option(help="Torch threads; 0 = all cores given.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Quantization-aware fine-tuning: train under simulated INT8, then export and quantize."""
+    from tinyserve.training.qat import QatConfig, qat_finetune
+
+    config = build_config(
+        QatConfig,
+        checkpoint=checkpoint,
+        out=out,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        reduce_range=reduce_range,
+        max_train_samples=max_train_samples,
+        data_dir=data_dir,
+        threads=threads,
+    )
+    result = qat_finetune(config, progress=progress)
+    typer.echo(
+        f"validation accuracy under simulated INT8 {result.val_accuracy:.2%} "
+        f"({result.quantized_layers} layers); checkpoint {result.checkpoint}; then "
+        f"'tinyserve export {result.checkpoint} --name NAME' and "
+        f"'tinyserve quantize models/NAME --mode static'"
+        + ("" if reduce_range else " --no-reduce-range")
+    )
 
 
 def distill(

@@ -15,7 +15,8 @@ from __future__ import annotations
 import inspect
 import json
 import tempfile
-from dataclasses import asdict, dataclass, replace
+import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from tinyserve.training.train import (
     TrainConfig,
     build_from_checkpoint,
     evaluate_model,
+    finetune_config,
     fit,
     load_checkpoint,
 )
@@ -69,6 +71,8 @@ class Measured:
 
     parameters: int
     onnx_bytes: int
+    compressed_bytes: int  # the ONNX file after deflate (zip, gzip): what zeros save
+    weight_sparsity: float  # fraction of zeros among convolution and linear weights
     test_accuracy: float
     latency_ms: dict[str, float]
     throughput_ips: float
@@ -105,8 +109,8 @@ def prune_checkpoint(config: PruneConfig, progress: bool = True) -> PruneResult:
     transfer_channels(original.net, slim)
 
     train_config = _train_config(meta, config)
-    test = _test_set(meta, train_config)
-    spec = _spec(meta)
+    test = test_set(meta, train_config)
+    spec = input_spec(meta)
     before = measure(original, test, spec, config.latency_runs)
     pruned = measure(
         ServingModel(slim, meta["mean"], meta["std"]).eval(), test, spec, config.latency_runs
@@ -195,7 +199,6 @@ def measure(model: ServingModel, test: ImageDataset, spec: InputSpec, runs: int)
     """Parameters, test accuracy (PyTorch), and ONNX size and speed (ONNX Runtime)."""
     import onnx
 
-    from tinyserve.compare import throughput
     from tinyserve.manifest import Manifest, write_manifest
     from tinyserve.training.export import to_onnx
 
@@ -207,17 +210,45 @@ def measure(model: ServingModel, test: ImageDataset, spec: InputSpec, runs: int)
         graph = to_onnx(model, spec)
         write_manifest(graph, Manifest(labels, spec))
         onnx.save(graph, str(path))
-        engine = Engine(path, EngineConfig())
-        latency = batch1_latency(engine, test, runs)
-        rate = throughput(engine, test.images, 256, 4096)
-        size = path.stat().st_size
+        return measure_file(path, test, runs, model.net, accuracy)
+
+
+def measure_file(
+    path: Path,
+    test: ImageDataset,
+    runs: int,
+    net: nn.Module,
+    accuracy: float | None = None,
+) -> Measured:
+    """Size and speed of the ONNX file at ``path`` (ONNX Runtime) for the network ``net``.
+
+    ``accuracy`` defaults to the file's own top-1 accuracy on ``test`` through ONNX Runtime
+    (a quantized file is measured as it runs, not as its float network would).
+    """
+    from tinyserve.compare import throughput
+    from tinyserve.evaluate import predict_classes
+
+    engine = Engine(path, EngineConfig())
+    if accuracy is None:
+        accuracy = float((predict_classes(engine, test) == test.labels).mean())
+    latency = batch1_latency(engine, test, runs)
+    rate = throughput(engine, test.images, 256, 4096)
+    data = path.read_bytes()
     return Measured(
-        parameters=sum(p.numel() for p in model.net.parameters()),
-        onnx_bytes=size,
+        parameters=sum(p.numel() for p in net.parameters()),
+        onnx_bytes=len(data),
+        compressed_bytes=len(zlib.compress(data, 9)),
+        weight_sparsity=round(weight_sparsity(net), 4),
         test_accuracy=round(accuracy, 6),
         latency_ms=latency,
         throughput_ips=round(rate, 1),
     )
+
+
+def weight_sparsity(net: nn.Module) -> float:
+    """The fraction of zeros among the convolution and linear weights of ``net``."""
+    weights = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def _strongest(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, count: int) -> torch.Tensor:
@@ -251,30 +282,25 @@ def _default_widths(cls: type) -> list[int] | None:
 
 def _train_config(meta: dict[str, Any], config: PruneConfig) -> TrainConfig:
     """The parent's training setup, shortened to a fine-tuning run."""
-    recorded = dict(meta["train_config"])
-    known = set(TrainConfig.__dataclass_fields__)
-    base = TrainConfig(
-        **{k: v for k, v in recorded.items() if k in known and k != "out"}, out=config.out
-    )
-    return replace(
-        base,
-        data_dir=config.data_dir or (Path(base.data_dir) if base.data_dir else None),
+    return finetune_config(
+        meta,
+        config.out,
+        data_dir=config.data_dir,
         epochs=config.epochs,
         lr=config.lr,
         batch_size=config.batch_size,
         max_train_samples=config.max_train_samples,
         threads=config.threads,
-        resume=False,
         schedule="cosine",
     )
 
 
-def _test_set(meta: dict[str, Any], config: TrainConfig) -> ImageDataset:
+def test_set(meta: dict[str, Any], config: TrainConfig) -> ImageDataset:
     return load_dataset(
-        config.data, "test", _spec(meta), config.data_dir, config.val_fraction, config.seed
+        config.data, "test", input_spec(meta), config.data_dir, config.val_fraction, config.seed
     )
 
 
-def _spec(meta: dict[str, Any]) -> InputSpec:
+def input_spec(meta: dict[str, Any]) -> InputSpec:
     channels = meta["in_channels"]
     return InputSpec(meta["height"], meta["width"], channels, "L" if channels == 1 else "RGB")

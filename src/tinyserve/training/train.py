@@ -47,6 +47,8 @@ class TrainConfig:
     pad: int = 2
     flip: bool = True
     erase_prob: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
+    widths: tuple[int, ...] | None = None  # the architecture's stage widths, if it has them
     image_size: int = 64
     channels: int = 3
     val_fraction: float = 1 / 12
@@ -69,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1) (0 = off, e.g. 0.999), got {self.ema}")
+        if self.widths is not None and (not self.widths or min(self.widths) < 1):
+            raise ValueError(f"widths must be positive channel counts, got {self.widths}")
 
     def plain(self) -> dict[str, Any]:
         """The config as JSON-friendly values (it goes into checkpoints and the history)."""
@@ -139,9 +145,20 @@ def fit(
         train_set = train_set.subset(np.arange(config.max_train_samples))
     mean, std = channel_stats(train_set)
     in_channels = train_set.images.shape[3]
+    extra = dict(extra_meta or {})
     if net is None:
-        net = create_model(config.arch, num_classes=len(train_set.classes), in_channels=in_channels)
+        options = dict(extra.get("arch_options", {}))
+        if config.widths is not None:
+            options["widths"] = list(config.widths)
+        if options:
+            extra["arch_options"] = options
+        net = create_model(
+            config.arch, num_classes=len(train_set.classes), in_channels=in_channels, **options
+        )
     model = ServingModel(net, mean, std).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # The average is what validation scores and the checkpoints keep; the raw weights train.
+    averaged = _ema(model, config.ema) if config.ema > 0 else None
+    scored: ServingModel = averaged.module if averaged is not None else model  # type: ignore[assignment]
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     optimizer = _make_optimizer(config, model)
@@ -158,7 +175,7 @@ def fit(
         "dataset": train_set.name.split("/")[0],
         "run_id": uuid.uuid4().hex[:12],
         "train_config": config.plain(),
-        **(extra_meta or {}),
+        **extra,
     }
     config.out.mkdir(parents=True, exist_ok=True)
     best_path, last_path = config.out / "best.pt", config.out / "last.pt"
@@ -172,7 +189,10 @@ def fit(
                 f"{last_path} belongs to a {planned}-epoch run; resume it with --epochs {planned} "
                 "(the learning-rate schedule is sized by the total)"
             )
-        model.net.load_state_dict(state["model"])
+        model.net.load_state_dict(state.get("train_model", state["model"]))
+        if averaged is not None:
+            scored.net.load_state_dict(state["model"])
+            averaged.n_averaged.fill_(int(state["averaged_steps"]))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
@@ -200,6 +220,8 @@ def fit(
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 scheduler.step()
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 n = len(labels)
                 seen += n
                 loss_sum += float(loss.detach()) * n
@@ -207,7 +229,7 @@ def fit(
                 elapsed = time.perf_counter() - t0
                 bar.step(loss_sum / seen, correct / seen, seen / elapsed)
             train_seconds = time.perf_counter() - t0
-            val_loss, val_acc = evaluate_model(model, val_set)
+            val_loss, val_acc = evaluate_model(scored, val_set)
             stats = EpochStats(
                 epoch=epoch + 1,
                 train_loss=loss_sum / seen,
@@ -222,7 +244,7 @@ def fit(
             bar.epoch_done(stats)
             state = {
                 "format": CHECKPOINT_FORMAT,
-                "model": model.net.state_dict(),
+                "model": scored.net.state_dict(),
                 "meta": {**meta, "epoch": epoch + 1, "val_acc": val_acc},
                 "epoch": epoch + 1,
                 "best_val_acc": max(best_acc, val_acc),
@@ -230,6 +252,9 @@ def fit(
                 "scheduler": scheduler.state_dict(),
                 "history": [asdict(h) for h in history],
             }
+            if averaged is not None:
+                state["train_model"] = model.net.state_dict()
+                state["averaged_steps"] = int(averaged.n_averaged)
             _atomic_save(state, last_path)
             if val_acc > best_acc:
                 best_acc = val_acc
@@ -238,6 +263,14 @@ def fit(
     result = TrainResult(best_path, last_path, best_acc, history, time.perf_counter() - started)
     write_history(result, config, config.out)
     return result
+
+
+def _ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    average = get_ema_multi_avg_fn(decay)  # type: ignore[no-untyped-call]
+    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)
 
 
 def uses_bf16(config: TrainConfig) -> bool:
@@ -306,6 +339,23 @@ def build_from_checkpoint(state: Mapping[str, Any]) -> ServingModel:
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint weights do not fit {meta['arch']}: {exc}") from exc
     return ServingModel(net, meta["mean"], meta["std"]).eval()
+
+
+def finetune_config(meta: Mapping[str, Any], out: Path, **changes: Any) -> TrainConfig:
+    """The training setup recorded in a checkpoint's ``meta``, changed into a fine-tuning run.
+
+    Everything not in ``changes`` (data, augmentation, optimizer) stays as the parent had it,
+    except that the run never resumes and keeps no weight average unless ``changes`` sets
+    ``ema`` (a few epochs from trained weights need none); a ``data_dir`` of ``None`` in
+    ``changes`` keeps the parent's.
+    """
+    recorded = dict(meta["train_config"])
+    known = set(TrainConfig.__dataclass_fields__)
+    base = {k: v for k, v in recorded.items() if k in known and k not in ("out", "widths")}
+    if changes.get("data_dir", None) is None:
+        changes.pop("data_dir", None)
+        base["data_dir"] = Path(base["data_dir"]) if base.get("data_dir") else None
+    return TrainConfig(**{**base, "out": out, "resume": False, "ema": 0.0, **changes})
 
 
 def write_history(result: TrainResult, config: TrainConfig, out: Path) -> None:
