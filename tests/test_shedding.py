@@ -191,6 +191,24 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+def read_answers(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` answers that follow each other on ``sock`` (pipelined requests' answers)."""
+    data, answers = b"", []
+    while len(answers) < count:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end >= 0:
+            status, headers, _ = parse(data[: head_end + 4])
+            end = head_end + 4 + int(headers["content-length"])
+            if len(data) >= end:
+                answers.append((status, headers, data[head_end + 4 : end]))
+                data = data[end:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(answers)} answers and {data!r}"
+        data += chunk
+    return answers
+
+
 def hold_the_only_place(server: Server, extra: bytes = b"") -> socket.socket:
     """A client that sent its headers and half its body: admitted, so its place is held
     until it sends the rest. Returns once a request without a place is refused."""
@@ -236,6 +254,16 @@ def test_a_saturated_server_refuses_from_the_headers_and_keeps_the_connection(
         assert status == 200 and json.loads(body)["label"] == "Ankle boot"
     metrics = httpx.get(f"{tight.url}/metrics", timeout=5).text
     assert re.search(r'tinyserve_requests_total\{route="/predict",status="503"\} [1-9]', metrics)
+
+
+@pytest.mark.slow
+def test_requests_pipelined_behind_a_refusal_are_answered_in_order(tight: Server) -> None:
+    holder = hold_the_only_place(tight)
+    with socket.create_connection(("127.0.0.1", tight.port), timeout=10) as sock:
+        health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(request("/predict") + health + request("/predict") + health)
+        assert [status for status, _, _ in read_answers(sock, 4)] == [503, 200, 503, 200]
+    finish(holder)
 
 
 @pytest.mark.slow

@@ -12,8 +12,12 @@ a request task, for as long as it likes (slowloris). ``BoundedHttpToolsProtocol`
   408; the handler waiting for it sees the client disconnect.
 
 Each answer closes the connection. A request only moves a deadline; one timer per
-connection checks it. ``bounded_protocol(seconds)`` is the class with both timeouts set
-(``tinyserve serve --client-timeout``).
+connection checks it. ``bounded_protocol(seconds, shed)`` is the class with both timeouts
+set (``tinyserve serve --client-timeout``) and, with ``shed`` (``Shedder.refusal`` of
+``tinyserve.shedding``), the early refusal of a saturated model's predictions: once a
+request's headers are in, ``shed(method, target)`` may return the whole 503 answer, which is
+written at once; the body is then read and dropped, and the connection stays open for the
+next request. The app never sees such a request.
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(431, "headers_too_large", message)
 
     def on_message_begin(self) -> None:
+        # A request pipelined behind a shed one begins in the same read, after that one's
+        # keep-alive timer was armed: it is no longer idle.
+        self._unset_keepalive_if_required()
         super().on_message_begin()
         self._in_headers = True
         self._header_bytes = 0
