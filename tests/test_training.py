@@ -114,6 +114,27 @@ def test_augmentation_keeps_shape_and_dtype() -> None:
     assert torch.equal(same, images)
 
 
+def test_camera_augmentation_looks_like_a_stretched_video_crop() -> None:
+    from tinyserve.training.data import Augment, camera
+
+    images = torch.zeros((64, 28, 28, 1), dtype=torch.uint8)
+    images[:, 8:20, 10:18] = 200  # an object on a dark ground, not at full brightness
+    out = camera(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, images)
+    # Levels are stretched per image, as tinyserve.tracking.crop_square does to each crop.
+    assert (out.flatten(1).amax(1) == 255).all() and (out.flatten(1).amin(1) == 0).all()
+    assert out[:, 13, 13].float().mean() > 200 and out[:, 2, 2].float().mean() < 40
+    flat = torch.full((4, 28, 28, 1), 90, dtype=torch.uint8)
+    lit = camera(flat, torch.Generator().manual_seed(1)).flatten(1).float()
+    assert (lit.amax(1) - lit.amin(1) < 32).all()  # lit and noisy, but nothing stretched
+    mixed = Augment(pad=0, flip=False, camera_prob=0.5)(images, torch.Generator().manual_seed(2))
+    kept = (mixed == images).flatten(1).all(1)
+    assert 0 < int(kept.sum()) < len(images)  # about half shown through the camera
+    with pytest.raises(ValueError, match="camera_prob"):
+        TrainConfig(out=Path("x"), camera_prob=1.5)
+
+
 def test_weight_average_is_what_the_checkpoints_keep(image_folder: Path, tmp_path: Path) -> None:
     config = tiny_train_config(tmp_path, image_folder, epochs=2, ema=0.9, widths=(8, 16, 16, 16))
     fit(config, progress=False)

@@ -338,6 +338,50 @@ def test_crops_wait_while_a_box_is_cut_by_the_edge_or_covered() -> None:
     assert book.to_classify(2, seen, 192, 144) == []  # asked already, answer pending
 
 
+def _answer(label: int, p: float) -> np.ndarray:
+    row = np.full(10, (1 - p) / 9, np.float32)
+    row[label] = p
+    return row
+
+
+def test_two_confident_contradictions_split_a_track_onto_a_new_id() -> None:
+    book = TrackBook(TrackConfig(confirm_frames=1, split_after=3, split_confidence=0.7))
+    book.update(1, _dets([[10, 10, 50, 50]]))
+    (track,) = book.update(2, _dets([[12, 10, 52, 50]]))[0]
+    for _ in range(3):
+        assert book.vote(track, _answer(2, 0.9))[0] is track
+    assert track.label_id == 2
+    # One contradiction, then agreement again: a doubtful crop, not another object.
+    assert book.vote(track, _answer(5, 0.9)) == (track, False)
+    assert book.vote(track, _answer(2, 0.9))[0] is track and track.doubt is None
+    # A weak contradiction is no evidence at all.
+    assert book.vote(track, _answer(5, 0.5))[0] is track and track.doubt is None
+    assert book.vote(track, _answer(2, 0.9))[0] is track
+    # Two confident answers in a row for another class: the id went to another object.
+    assert book.vote(track, _answer(5, 0.8)) == (track, False)
+    new, changed = book.vote(track, _answer(5, 0.8))
+    assert changed and new is not track and new.id != track.id
+    assert new.label_id == 5 and new.crops == 2 and track.label_id == 2
+    (seen,) = book.update(3, _dets([[14, 10, 54, 50]]))[0]
+    assert seen is new  # the book reports the new id from now on
+    assert book.tracks == {next(iter(book.tracks)): new}
+
+
+def test_crops_are_area_shrunk_and_stretched_to_full_range() -> None:
+    from tinyserve.tracking import crop_square
+
+    luma = np.zeros((100, 100), np.uint8)
+    luma[20:60, 20:60] = 40  # a dim object: its own light, not its shape
+    luma[30:50, 38:42] = 120  # a thin bright stroke
+    crop = crop_square(luma, np.array([20, 20, 60, 60], np.float32), (20, 20))
+    assert crop.max() == 255 and crop.min() == 0
+    assert crop[10, 9:11].min() == 255  # the stroke survives the shrink at full brightness
+    plain = crop_square(luma, np.array([20, 20, 60, 60], np.float32), (20, 20), stretch=False)
+    assert plain.max() == 120 and plain[0, 0] == 40
+    flat = crop_square(np.full((50, 50), 90, np.uint8), np.array([5, 5, 25, 25]), (10, 10))
+    assert (flat == 90).all()  # nothing to stretch
+
+
 def test_an_image_folder_is_one_sequence_in_name_order(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -265,12 +265,17 @@ class StreamPipeline:
             for track in tracks:
                 track.in_flight = False
             return
+        assert self.book is not None
         probabilities = softmax(np.asarray(logits, dtype=np.float32).copy())
         for track, row in zip(tracks, probabilities, strict=True):
             track.in_flight = False
-            changed = track.vote(row)
-            if changed or track.crops == 1:
-                self._emit(event("classified", self.name, index, track, self._labels))
+            voted, changed = self.book.vote(track, row)
+            if voted is not track:  # the tracker had moved this id onto another object
+                self._emit(event("left", self.name, track.last_frame, track, self._labels))
+                self._emit(event("appear", self.name, index, voted, self._labels))
+                self.stats.tracks += 1
+            if changed or voted.crops == 1:
+                self._emit(event("classified", self.name, index, voted, self._labels))
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.stats.events += 1

@@ -9,7 +9,8 @@ the ``file`` protocol and plain container formats (no playlists or concat lists,
 other files), and URL sources only network protocols.
 
 ``Decoder`` runs in its own thread (PyAV releases the GIL while decoding) and hands frames
-to a callback, resized for the detector, with the full-size grey plane kept for crops. In
+to a callback, resized for the detector, with the full-size grey plane kept for crops
+(converted to full range only for the frames that are cropped). In
 real-time mode a stream that falls behind loses its oldest waiting frames, counted in
 ``dropped``; in file mode the decoder waits for room instead, so every frame is processed.
 """
@@ -110,10 +111,23 @@ class Frame:
     index: int
     decoded_at: float  # time.perf_counter() when it left the decoder
     pixels: Pixels  # [H, W, 3] at the detector's input size
-    luma: Pixels  # [height, width] full size, for crops
+    plane: Pixels  # [height, width] full-size grey plane as decoded (see ``luma``)
     width: int
     height: int
     image: Any = None  # the av.VideoFrame, kept only when annotated output is wanted
+    limited: bool = False  # ``plane`` is video "limited range" luma (black 16, white 235)
+    _luma: Pixels | None = None
+
+    @property
+    def luma(self) -> Pixels:
+        """The full-size grey plane in full range (0-255), converted on first use.
+
+        Most frames need no crop, so the conversion (about as costly as the detector's
+        resize) is left to the frames that do.
+        """
+        if self._luma is None:
+            self._luma = _LIMITED_TO_FULL[self.plane] if self.limited else self.plane
+        return self._luma
 
 
 @dataclass
@@ -144,6 +158,10 @@ class Decoder:
     queue_size: int = 8
     keep_images: bool = False
     max_frames: int | None = None
+    # FFmpeg's decoding threads: 0 lets it choose (frame threads, the fastest for one
+    # stream alone); 1 decodes in this thread only, the cheapest per frame when many
+    # streams share the cores.
+    threads: int = 0
     on_frame: Callable[[], None] | None = None  # called (from the thread) after each put
     stats: DecoderStats = field(default_factory=DecoderStats)
 
@@ -222,6 +240,7 @@ class Decoder:
                 raise InvalidParameter(f"{self.source} has no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = self.threads
             rate = float(stream.average_rate) if stream.average_rate else None
             self.stats.source_fps = rate
             step = 1.0 / self.fps if self.fps else (1.0 / rate if rate else 1.0 / 30)
@@ -243,6 +262,7 @@ class Decoder:
                         time.sleep(delay)
                 self.stats.width, self.stats.height = decoded.width, decoded.height
                 width, height = self.size  # the selector may change it while running
+                plane, limited = _grey_plane(decoded)
                 frame = Frame(
                     index=index,
                     decoded_at=time.perf_counter(),
@@ -252,10 +272,11 @@ class Decoder:
                         ),
                         dtype=np.uint8,
                     ),
-                    luma=_luma(decoded),
+                    plane=plane,
                     width=decoded.width,
                     height=decoded.height,
                     image=decoded if self.keep_images else None,
+                    limited=limited,
                 )
                 self.stats.decoded += 1
                 self._put(frame)
@@ -268,17 +289,19 @@ class Decoder:
 _LIMITED_TO_FULL = np.clip((np.arange(256) - 16) * 255.0 / 219.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _luma(decoded: Any) -> Pixels:
-    """The full-size grey plane: the Y plane itself for YUV frames (no colour conversion)."""
+def _grey_plane(decoded: Any) -> tuple[Pixels, bool]:
+    """The full-size grey plane and whether it is limited range.
+
+    For YUV frames that is a copy of the Y plane itself (no colour conversion; a copy since
+    the plane is the decoder's buffer, reused for later frames).
+    """
     name = decoded.format.name
     if name in ("yuv420p", "yuvj420p", "yuv422p", "yuv444p", "nv12"):
         plane = decoded.planes[0]
         data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-        y = data[:, : decoded.width]
         full = name.startswith("yuvj") or int(getattr(decoded, "color_range", 1) or 1) == 2
-        # Either way a new array: the plane is the decoder's buffer, reused for later frames.
-        return np.array(y, copy=True) if full else _LIMITED_TO_FULL[y]
-    return np.asarray(decoded.to_ndarray(format="gray"), dtype=np.uint8)
+        return np.array(data[:, : decoded.width], copy=True), not full
+    return np.asarray(decoded.to_ndarray(format="gray"), dtype=np.uint8), False
 
 
 def check_sources(policy: SourcePolicy, sources: Sequence[str]) -> None:

@@ -29,6 +29,13 @@ def train(
     schedule: Annotated[str, typer.Option(help="onecycle or cosine.")] = "onecycle",
     label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.0,
     erase_prob: Annotated[float, typer.Option(help="Random-erasing probability.")] = 0.0,
+    camera_prob: Annotated[
+        float,
+        typer.Option(
+            help="Share of images shown as a video's track crops: rescaled, motion-blurred, "
+            "lit, noisy, then level-stretched (for classifiers of 'tinyserve video'). 0 = off."
+        ),
+    ] = 0.0,
     ema: Annotated[
         float,
         typer.Option(
@@ -95,6 +102,7 @@ def train(
         schedule=schedule,
         label_smoothing=label_smoothing,
         erase_prob=erase_prob,
+        camera_prob=camera_prob,
         ema=ema,
         widths=parse_widths(widths),
         image_size=image_size,

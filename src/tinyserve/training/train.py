@@ -47,6 +47,7 @@ class TrainConfig:
     pad: int = 2
     flip: bool = True
     erase_prob: float = 0.0
+    camera_prob: float = 0.0  # share of images shown as a video's crops (data.camera)
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     widths: tuple[int, ...] | None = None  # the architecture's stage widths, if it has them
     image_size: int = 64
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if not 0.0 <= self.erase_prob <= 1.0 or not 0.0 <= self.camera_prob <= 1.0:
+            raise ValueError("erase_prob and camera_prob are shares of images, in [0, 1]")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1) (0 = off, e.g. 0.999), got {self.ema}")
         if self.widths is not None and (not self.widths or min(self.widths) < 1):
@@ -201,7 +204,7 @@ def fit(
         history = [EpochStats(**h) for h in state["history"]]
 
     generator = torch.Generator().manual_seed(config.seed + start_epoch)
-    augment = Augment(config.pad, config.flip, config.erase_prob)
+    augment = Augment(config.pad, config.flip, config.erase_prob, config.camera_prob)
     cross_entropy = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     compute_loss: LossFn = loss_fn or (lambda logits, labels, _: cross_entropy(logits, labels))
     use_bf16 = uses_bf16(config)
