@@ -17,7 +17,7 @@ pytest.importorskip("trackers")
 
 from tinyserve.datasets import load_fashion_mnist  # noqa: E402
 from tinyserve.detection import Detections, iou_matrix  # noqa: E402
-from tinyserve.errors import Forbidden, InvalidParameter  # noqa: E402
+from tinyserve.errors import ConfigError, Forbidden, InvalidParameter  # noqa: E402
 from tinyserve.manifest import InputSpec  # noqa: E402
 from tinyserve.scenes import (  # noqa: E402
     GenerateConfig,
@@ -213,6 +213,36 @@ def test_tracks_are_classified_on_confirmation_not_every_box(scenes: Path) -> No
     # A few crops per track, far fewer than the boxes seen.
     assert 0 < sum(calls) < stats.detections / 3
     assert sum(calls) == stats.crops
+
+
+def test_the_tracks_classifier_is_the_video_one_when_the_repository_has_it(
+    tmp_path: Path,
+) -> None:
+    from tinyserve.repository import ModelConfig
+    from tinyserve.video_pipeline import default_classifier
+
+    assert default_classifier({"fashion-cnn", "fashion-cnn-video"}.__contains__) == (
+        "fashion-cnn-video"
+    )
+    assert default_classifier({"fashion-cnn"}.__contains__) == "fashion-cnn"
+    bundled = Path(__file__).resolve().parent.parent / "models" / "fashion-cnn-video"
+    assert ModelConfig.read(bundled).default_candidate is False
+    (tmp_path / "config.toml").write_text('default_candidate = "no"\n')
+    with pytest.raises(ConfigError, match="default_candidate"):
+        ModelConfig.read(tmp_path)
+
+
+def test_a_track_never_seen_clearly_is_cropped_after_its_patience() -> None:
+    book = TrackBook(TrackConfig(confirm_frames=1, patience=4, patient_occlusion=0.3))
+    boxes = [[100, 50, 140, 90], [130, 50, 170, 90]]  # each covers a quarter of the other
+    book.update(1, _dets(boxes))
+    seen, _, _ = book.update(2, _dets(boxes))
+    first = seen[0].first_frame
+    for frame in range(2, first + 4):
+        seen, _, _ = book.update(frame, _dets(boxes)) if frame > 2 else (seen, [], [])
+        assert book.to_classify(frame, seen, 640, 480) == []
+    seen, _, _ = book.update(first + 4, _dets(boxes))
+    assert len(book.to_classify(first + 4, seen, 640, 480)) == 2  # a partial view beats none
 
 
 def test_a_broken_stream_fails_alone(scenes: Path, tmp_path: Path) -> None:

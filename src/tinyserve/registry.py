@@ -120,6 +120,7 @@ class _Entry:
     default: int
     versions: dict[int, LoadedModel]
     rollout: RolloutConfig | None = None
+    default_candidate: bool = True
 
 
 class ModelRegistry:
@@ -165,11 +166,14 @@ class ModelRegistry:
             return next(iter(self._models))
         if not self._models:
             raise ModelNotReady("no model is loaded")
-        # A classifier beside detectors: the seed routes (/predict, /infer) classify.
+        # A classifier beside detectors: the seed routes (/predict, /infer) classify. One
+        # whose config.toml says default_candidate = false (kept for video tracks) does not
+        # count.
         classifiers = [
             name
             for name, entry in self._models.items()
             if entry.versions[entry.default].manifest.task == "classify"
+            and entry.default_candidate
         ]
         if len(classifiers) == 1:
             return classifiers[0]
@@ -269,7 +273,7 @@ class ModelRegistry:
                 for loaded in fresh.values():
                     await loaded.batcher.close(0)
                 raise
-            self._models[name] = _Entry(default, fresh, rollout)
+            self._models[name] = _Entry(default, fresh, rollout, config.default_candidate)
             self.with_rollouts = any(e.rollout is not None for e in self._models.values())
             self.errors.pop(name, None)
             for loaded in fresh.values():

@@ -58,6 +58,9 @@ class ModelConfig:
     provider: str | None = None
     batching: Mapping[str, Any] = field(default_factory=dict)
     rollout: Mapping[str, Any] = field(default_factory=dict)  # see rollout.RolloutConfig
+    # false: never the model behind /predict and /infer unless --default-model names it
+    # (a classifier kept for video tracks beside the one that answers images).
+    default_candidate: bool = True
 
     @classmethod
     def read(cls, model_dir: Path) -> ModelConfig:
@@ -80,6 +83,8 @@ class ModelConfig:
         batching = data.get("batching", {})
         if not isinstance(batching, dict):
             raise ConfigError(f"{path}: [batching] must be a table")
+        if not isinstance(data.get("default_candidate", True), bool):
+            raise ConfigError(f"{path}: default_candidate must be true or false")
         for key in ("runtime", "provider"):
             if not isinstance(data.get(key, ""), str):
                 raise ConfigError(f"{path}: {key} must be a string, got {data[key]!r}")
@@ -90,6 +95,7 @@ class ModelConfig:
             provider=data.get("provider"),
             batching=batching,
             rollout={key: data[key] for key in ROLLOUT_KEYS if key in data},
+            default_candidate=data.get("default_candidate", True),
         )
 
 

@@ -31,10 +31,12 @@ from tinyserve.registry import LoadedModel, ModelRegistry
 from tinyserve.selection import Candidate, Selector, accuracy_of, measure, precision_of
 from tinyserve.tracking import TrackState
 from tinyserve.video_pipeline import (
+    DEFAULT_CLASSIFIER,
     ClassifierHandle,
     DetectorHandle,
     PipelineConfig,
     StreamPipeline,
+    default_classifier,
 )
 from tinyserve.video_sources import Decoder, Frame, Pixels, SourcePolicy, require_video
 
@@ -100,7 +102,7 @@ class StreamManager:
         policy: SourcePolicy,
         max_streams: int = 16,
         default_detector: str = "scene-det",
-        default_classifier: str | None = "fashion-cnn",
+        default_classifier: str | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -129,6 +131,8 @@ class StreamManager:
             raise Overloaded(f"{self.max_streams} streams are running (--max-streams); stop one")
         detector = detector or self.default_detector
         classifier = classifier or self.default_classifier
+        if classifier is None or classifier == DEFAULT_CLASSIFIER:
+            classifier = default_classifier(lambda name: name in self.registry.names)
         if classifier == "none":
             classifier = None
         selector = await self._selector(detector, fps)

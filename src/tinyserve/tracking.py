@@ -41,6 +41,11 @@ class TrackConfig:
     min_confidence: float = 0.8  # below this, the vote asks again (at most every 3 frames)
     min_output_score: float = 0.4  # weaker matches keep a track alive, unreported
     max_occlusion: float = 0.05  # share of the box another box may cover for a crop
+    # A track never seen clearly is cropped anyway after ``patience`` frames, when covered
+    # up to ``patient_occlusion`` (a partial view is a better guess than no label at all).
+    patience: int = 10
+    patient_occlusion: float = 0.3
+    patient_edge: bool = False
     # A split needs a label held by at least ``split_after`` crops at ``split_confidence``
     # of the vote, then two answers in a row for another class, each at ``split_confidence``.
     split_after: int = 3
@@ -196,10 +201,15 @@ class TrackBook:
                 or since >= self.config.reclassify_every
                 or (track.confidence < self.config.min_confidence and since >= 3)
             )
-            if not due or covered[i] > self.config.max_occlusion:
+            if not due:
+                continue
+            patient = track.crops == 0 and frame - track.first_frame >= self.config.patience
+            limit = self.config.patient_occlusion if patient else self.config.max_occlusion
+            if covered[i] > limit:
                 continue
             x1, y1, x2, y2 = (float(v) for v in track.box)
-            if width and (x1 <= 1 or y1 <= 1 or x2 >= width - 1 or y2 >= height - 1):
+            cut = x1 <= 1 or y1 <= 1 or x2 >= width - 1 or y2 >= height - 1
+            if width and cut and not (patient and self.config.patient_edge):
                 continue
             track.last_asked = frame
             track.in_flight = True

@@ -34,6 +34,16 @@ DetectFn = Callable[[Pixels], Awaitable[npt.NDArray[np.float32]]]
 ClassifyFn = Callable[[list[Pixels]], Awaitable[npt.NDArray[np.float32]]]
 EventSink = Callable[[dict[str, Any]], None]
 
+# The first of these that the repository has classifies tracks by default:
+# ``fashion-cnn-video`` is fashion-cnn trained with ``--camera-prob`` for video crops.
+VIDEO_CLASSIFIERS = ("fashion-cnn-video", "fashion-cnn")
+DEFAULT_CLASSIFIER = "auto"
+
+
+def default_classifier(has: Callable[[str], bool]) -> str:
+    """The classifier for tracks when none is named: the first of ``VIDEO_CLASSIFIERS`` held."""
+    return next((name for name in VIDEO_CLASSIFIERS if has(name)), VIDEO_CLASSIFIERS[-1])
+
 
 @dataclass(frozen=True)
 class DetectorHandle:

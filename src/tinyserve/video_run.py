@@ -26,15 +26,16 @@ from tinyserve.selection import Candidate, Selector, accuracy_of, measure, preci
 from tinyserve.tracking import TrackConfig, TrackState
 from tinyserve.video_output import EventWriter, MotWriter, VideoWriter, annotate
 from tinyserve.video_pipeline import (
+    DEFAULT_CLASSIFIER,
     ClassifierHandle,
     DetectorHandle,
     PipelineConfig,
     StreamPipeline,
+    default_classifier,
 )
 from tinyserve.video_sources import Decoder, Frame, Pixels, SourcePolicy, require_video
 
 DEFAULT_DETECTOR = "scene-det"
-DEFAULT_CLASSIFIER = "fashion-cnn"
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,10 @@ async def run_video(
     )
     classifier = None
     if config.classifier:
-        cname, cversion, cengine = load_classifier(config.repo, config.classifier, engine_config)
+        target = config.classifier
+        if target == DEFAULT_CLASSIFIER:
+            target = default_classifier(lambda name: (config.repo / name).is_dir())
+        cname, cversion, cengine = load_classifier(config.repo, target, engine_config)
         cbatcher = Batcher(cengine.infer, batch, f"{cname}:{cversion}")
         cbatcher.start()
         batchers.append(cbatcher)

@@ -26,6 +26,7 @@ from tinyserve.detection import detect_all, from_output, iou_matrix, score_detec
 from tinyserve.engine import EngineConfig
 from tinyserve.scenes import load_test_frames, read_gt
 from tinyserve.tracking import crop_square
+from tinyserve.video_pipeline import DEFAULT_CLASSIFIER, default_classifier
 from tinyserve.video_run import VideoConfig, load_classifier, load_detectors, run_video
 
 MIN_VISIBILITY = 0.3
@@ -36,7 +37,7 @@ class BenchVideoConfig:
     scenes: Path
     repo: Path = Path("models")
     detector: str = "scene-det"
-    classifier: str = "fashion-cnn"
+    classifier: str = "auto"
     max_streams: int = 16
     duration: float = 6.0
     parts: tuple[str, ...] = ("accuracy", "speed", "capacity", "naive")
@@ -275,7 +276,10 @@ def naive_loop(config: BenchVideoConfig, log: Callable[[str], None]) -> dict[str
     _, _, detector = max(
         engines, key=lambda e: e[1] if "optimization" not in e[2].manifest.source else -1
     )
-    _, _, classifier = load_classifier(config.repo, config.classifier, EngineConfig())
+    target = config.classifier
+    if target == DEFAULT_CLASSIFIER:
+        target = default_classifier(lambda name: (config.repo / name).is_dir())
+    _, _, classifier = load_classifier(config.repo, target, EngineConfig())
     spec, cspec = detector.manifest.input, classifier.manifest.input
     video = videos(config.scenes)[0]
     frames = boxes = 0

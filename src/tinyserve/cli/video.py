@@ -25,8 +25,13 @@ def video(
         typer.Option(help="Detector: repository name (every version a candidate) or NAME:VERSION."),
     ] = "scene-det",
     classifier: Annotated[
-        str, typer.Option(help="Classifier for the tracks ('none': boxes and tracks only).")
-    ] = "fashion-cnn",
+        str,
+        typer.Option(
+            help="Classifier for the tracks: a repository name or NAME:VERSION; 'auto' = "
+            "fashion-cnn-video if the repository has it, else fashion-cnn; 'none' = boxes "
+            "and tracks only."
+        ),
+    ] = "auto",
     repo: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
     fps: Annotated[
         float | None, typer.Option(help="Frames per second to process \\[default: the source's].")
@@ -154,7 +159,9 @@ def bench_video(
     ] = Path("runs/scenes"),
     repo: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
     detector: str = "scene-det",
-    classifier: str = "fashion-cnn",
+    classifier: Annotated[
+        str, typer.Option(help="Track classifier ('auto': as for 'tinyserve video').")
+    ] = "auto",
     max_streams: Annotated[int, typer.Option(help="Most concurrent 30-FPS streams tried.")] = 16,
     duration: Annotated[float, typer.Option(help="Seconds per real-time trial.")] = 6.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
