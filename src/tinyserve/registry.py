@@ -172,8 +172,7 @@ class ModelRegistry:
         classifiers = [
             name
             for name, entry in self._models.items()
-            if entry.versions[entry.default].manifest.task == "classify"
-            and entry.default_candidate
+            if entry.versions[entry.default].manifest.task == "classify" and entry.default_candidate
         ]
         if len(classifiers) == 1:
             return classifiers[0]
