@@ -315,9 +315,10 @@ def test_choose_most_accurate_that_fits_the_budget() -> None:
     fast = _candidate(2, 0.001, 0.95, 256)
     int8 = _candidate(3, 0.002, 0.96)
     cands = [slow, fast, int8]
-    assert choose(cands, 1, 30)[0] is slow  # budget 16.7 ms
-    assert choose(cands, 8, 30)[0] is int8  # budget 2.08 ms
-    assert choose(cands, 16, 30)[0] is fast  # budget 1.04 ms
+    assert choose(cands, 1, 30)[0] is slow  # budget 0.35 / 30 = 11.7 ms
+    assert choose(cands, 5, 30)[0] is int8  # budget 2.33 ms
+    assert choose(cands, 8, 30)[0] is fast  # budget 1.46 ms
+    assert choose(cands, 8, 30, headroom=0.5)[0] is int8  # half the machine: 2.08 ms
     chosen, reason = choose(cands, 64, 30)
     assert chosen is fast and "none fits" in reason
     assert choose(cands, 64, None)[0] is slow  # file mode: no budget

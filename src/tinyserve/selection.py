@@ -3,7 +3,10 @@
 At start every candidate (each version of the detector: FP32 and INT8, at each input size)
 is timed on this machine, in batches as the shared batcher will run it. The frame budget is
 the share of the machine given to the detector (``headroom``; the rest decodes, tracks and
-classifies) divided by the frames per second asked for: ``streams x fps``. The most accurate
+classifies) divided by the frames per second asked for: ``streams x fps``. The default share,
+0.35, is what the detector takes of a frame's work in this pipeline on 640x480 video (about
+2.6 of 7.5 core-ms, see ``benchmarks/RESULTS.md``); a larger one over-commits the machine,
+since Python's share of each frame runs on one core at a time. The most accurate
 candidate (mAP@0.5 from its manifest: the quantize gate's for INT8, the export's otherwise)
 whose cost fits is chosen; when none fits, the fastest. In file mode there is no frame budget,
 so the most accurate one runs.
@@ -29,6 +32,7 @@ from tinyserve.video_pipeline import DetectorHandle
 from tinyserve.video_sources import Pixels
 
 log = logging.getLogger("tinyserve.video")
+DETECTOR_SHARE = 0.35  # the detector's share of a frame's work (see the module docstring)
 InferFn = Callable[[Pixels], object]
 
 
@@ -82,7 +86,10 @@ def measure(infer: InferFn, shape: tuple[int, int, int], batch: int = 4, runs: i
 
 
 def choose(
-    candidates: Sequence[Candidate], streams: int, fps: float | None, headroom: float = 0.5
+    candidates: Sequence[Candidate],
+    streams: int,
+    fps: float | None,
+    headroom: float = DETECTOR_SHARE,
 ) -> tuple[Candidate, str]:
     """The candidate to run and why."""
     if not candidates:
@@ -123,7 +130,7 @@ class Selector:
         candidates: Sequence[Candidate],
         streams: int = 1,
         fps: float | None = None,
-        headroom: float = 0.5,
+        headroom: float = DETECTOR_SHARE,
         max_drop_rate: float = 0.01,
         on_change: Callable[[Candidate, str], None] | None = None,
     ) -> None:

@@ -22,7 +22,14 @@ from tinyserve.batcher import BatchConfig, Batcher
 from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import ConfigError
 from tinyserve.repository import model_files
-from tinyserve.selection import Candidate, Selector, accuracy_of, measure, precision_of
+from tinyserve.selection import (
+    DETECTOR_SHARE,
+    Candidate,
+    Selector,
+    accuracy_of,
+    measure,
+    precision_of,
+)
 from tinyserve.tracking import TrackConfig, TrackState
 from tinyserve.video_output import EventWriter, MotWriter, VideoWriter, annotate
 from tinyserve.video_pipeline import (
@@ -56,9 +63,10 @@ class VideoConfig:
     max_batch_size: int = 4
     window: int = 4
     min_score: float = 0.1
-    headroom: float = 0.5
+    headroom: float = DETECTOR_SHARE
     max_frames: int | None = None
     track: TrackConfig = field(default_factory=TrackConfig)
+    decode_threads: int = 1  # FFmpeg threads per decoder (video_sources.Decoder.threads)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -173,6 +181,7 @@ async def run_video(
             queue_size=4 if config.realtime else 16,
             keep_images=config.out is not None,
             max_frames=config.max_frames,
+            threads=config.decode_threads,
         )
         mot = _suffixed(config.mot, index, count)
         out = _suffixed(config.out, index, count)

@@ -158,10 +158,10 @@ class Decoder:
     queue_size: int = 8
     keep_images: bool = False
     max_frames: int | None = None
-    # FFmpeg's decoding threads: 0 lets it choose (frame threads, the fastest for one
-    # stream alone); 1 decodes in this thread only, the cheapest per frame when many
-    # streams share the cores.
-    threads: int = 0
+    # FFmpeg's decoding threads: 1 decodes in this thread only, which on the 640x480 test
+    # videos was the cheapest per frame and, beside the pipeline's other threads, also the
+    # fastest for one stream; 0 lets FFmpeg choose (frame threads: for large frames).
+    threads: int = 1
     on_frame: Callable[[], None] | None = None  # called (from the thread) after each put
     stats: DecoderStats = field(default_factory=DecoderStats)
 
