@@ -227,3 +227,24 @@ def test_the_detector_is_served_over_v2_with_uint8_frames() -> None:
     assert out["shape"] == [1, 100, 6]
     rows = np.asarray(out["data"], np.float32).reshape(100, 6)
     assert (np.diff(rows[:, 4]) <= 1e-6).all()
+
+
+def test_tinyserve_video_needs_no_flag_but_the_outputs(stream_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tinyserve.cli import app as cli_app
+
+    mot, events = tmp_path / "tracks.txt", tmp_path / "events.jsonl"
+    clip = str(stream_dir / "clip" / "video.mp4")
+    command = ["video", clip, "--repo", str(MODELS), "--mot", str(mot), "--json", str(events)]
+    result = CliRunner().invoke(cli_app, [*command, "--max-frames", "60", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "detector scene-det:1" in result.output
+    assert "classifier of tracks: fashion-cnn-video:1" in result.output
+    lines = [line.split(",") for line in mot.read_text().splitlines()]
+    assert lines and all(len(p) == 10 and p[8:] == ["-1", "-1"] for p in lines)
+    assert 1 <= min(int(p[0]) for p in lines) and max(int(p[0]) for p in lines) <= 60
+    labelled = {p[1]: int(p[7]) for p in lines if p[7] != "-1"}
+    assert labelled and all(0 <= c < 10 for c in labelled.values())
+    kinds = {json.loads(line)["type"] for line in events.read_text().splitlines()}
+    assert {"appear", "classified", "left"} <= kinds

@@ -73,6 +73,7 @@ def video(
         if show is not None:
             show.stop()
     typer.echo(f"detector {result['detector']['chosen']['model']}: {result['detector']['reason']}")
+    typer.echo(f"classifier of tracks: {result['classifier'] or 'none'}")
     for stream in result["streams"]:
         typer.echo(summary_line(stream))
     if any(s["state"] == "failed" for s in result["streams"]):
