@@ -45,7 +45,6 @@ class TrackConfig:
     # up to ``patient_occlusion`` (a partial view is a better guess than no label at all).
     patience: int = 10
     patient_occlusion: float = 0.3
-    patient_edge: bool = False
     # A split needs a label held by at least ``split_after`` crops at ``split_confidence``
     # of the vote, then two answers in a row for another class, each at ``split_confidence``.
     split_after: int = 3
@@ -188,6 +187,7 @@ class TrackBook:
 
         A track waits while its box is cut by the frame's edge (``width`` x ``height``) or
         partly covered by another box: such a crop would teach its vote the wrong class.
+        One that has waited ``patience`` frames without a crop takes a partly covered view.
         """
         chosen = []
         boxes = np.stack([t.box for t in seen]) if seen else np.zeros((0, 4), np.float32)
@@ -208,8 +208,7 @@ class TrackBook:
             if covered[i] > limit:
                 continue
             x1, y1, x2, y2 = (float(v) for v in track.box)
-            cut = x1 <= 1 or y1 <= 1 or x2 >= width - 1 or y2 >= height - 1
-            if width and cut and not (patient and self.config.patient_edge):
+            if width and (x1 <= 1 or y1 <= 1 or x2 >= width - 1 or y2 >= height - 1):
                 continue
             track.last_asked = frame
             track.in_flight = True

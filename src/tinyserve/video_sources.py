@@ -158,9 +158,10 @@ class Decoder:
     queue_size: int = 8
     keep_images: bool = False
     max_frames: int | None = None
-    # FFmpeg's decoding threads: 1 decodes in this thread only, which on the 640x480 test
-    # videos was the cheapest per frame and, beside the pipeline's other threads, also the
-    # fastest for one stream; 0 lets FFmpeg choose (frame threads: for large frames).
+    # FFmpeg's decoding threads. 1 decodes in this thread only: each stream has a thread
+    # of its own already, and frame threads delay every frame by one frame per thread,
+    # with no gain measured on the 640x480 test videos. 0 lets FFmpeg choose (for large
+    # frames).
     threads: int = 1
     on_frame: Callable[[], None] | None = None  # called (from the thread) after each put
     stats: DecoderStats = field(default_factory=DecoderStats)
