@@ -122,7 +122,7 @@ def test_config_is_validated(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
-    from tinyserve.cli.train import qat
+    from tinyserve.cli.compress import qat
 
     with pytest.raises(CheckpointError, match="does not exist"):
         qat(tmp_path / "missing.pt", tmp_path / "out", progress=False)

@@ -1,6 +1,6 @@
 """The ``tinyserve`` command line: thin subcommands over the library, one module per family.
 
-``train`` (train, export, prune, distill, qat, import), ``optimize`` (the one-command
+``train`` (train, export, import), ``compress`` (prune, distill, qat), ``optimize`` (the one-command
 pipeline), ``models`` (evaluate, quantize, predict), ``serve``, ``bench``, ``convert``
 (OpenVINO IR, LiteRT), ``keys`` (API keys), ``pull`` (S3 into a folder), ``monitor`` (a live
 view of servers), and ``video`` (video, data scenes, bench video).
@@ -15,7 +15,19 @@ from typing import Annotated
 import typer
 
 from tinyserve import __version__
-from tinyserve.cli import bench, convert, keys, models, monitor, optimize, pull, serve, train, video
+from tinyserve.cli import (
+    bench,
+    compress,
+    convert,
+    keys,
+    models,
+    monitor,
+    optimize,
+    pull,
+    serve,
+    train,
+    video,
+)
 from tinyserve.errors import TinyServeError
 
 app = typer.Typer(
@@ -48,9 +60,9 @@ app.command()(models.evaluate)
 app.command()(models.predict)
 app.command()(serve.serve)
 app.command()(models.quantize)
-app.command()(train.prune)
-app.command()(train.distill)
-app.command()(train.qat)
+app.command()(compress.prune)
+app.command()(compress.distill)
+app.command()(compress.qat)
 app.command()(optimize.optimize)
 app.command("import")(train.import_model)
 app.command()(pull.pull)
