@@ -19,13 +19,13 @@ from tinyserve.datasets import load_fashion_mnist  # noqa: E402
 from tinyserve.detection import Detections, iou_matrix  # noqa: E402
 from tinyserve.errors import ConfigError, Forbidden, InvalidParameter  # noqa: E402
 from tinyserve.manifest import InputSpec  # noqa: E402
+from tinyserve.scene_data import read_gt  # noqa: E402
 from tinyserve.scenes import (  # noqa: E402
     GenerateConfig,
     SceneConfig,
     card_pixels,
     generate,
     new_scene,
-    read_gt,
 )
 from tinyserve.selection import Candidate, Selector, choose, measure  # noqa: E402
 from tinyserve.tracking import TrackBook, TrackConfig  # noqa: E402

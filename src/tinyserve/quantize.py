@@ -33,7 +33,7 @@ from tinyserve.evaluate import evaluation_set, predict_classes
 from tinyserve.imaging import Pixels
 from tinyserve.manifest import Manifest, read_manifest, write_manifest
 from tinyserve.repository import ModelRef, resolve, save_version_with_report
-from tinyserve.scenes import load_test_frames, load_train_frames
+from tinyserve.scene_data import load_test_frames, load_train_frames
 
 MODES = ("dynamic", "static", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")

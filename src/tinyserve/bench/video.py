@@ -24,7 +24,7 @@ import numpy as np
 
 from tinyserve.detection import detect_all, from_output, iou_matrix, score_detections
 from tinyserve.engine import EngineConfig
-from tinyserve.scenes import load_test_frames, read_gt
+from tinyserve.scene_data import load_test_frames, read_gt
 from tinyserve.tracking import crop_square
 from tinyserve.video_pipeline import DEFAULT_CLASSIFIER, default_classifier
 from tinyserve.video_run import VideoConfig, load_classifier, load_detectors, run_video

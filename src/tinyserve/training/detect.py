@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tinyserve.scenes import LabelledFrames, load_train_frames
+from tinyserve.scene_data import LabelledFrames, load_train_frames
 from tinyserve.training.models import Preprocess
 
 STRIDE = 4

@@ -28,7 +28,7 @@ from tinyserve.engine import Engine, EngineConfig
 from tinyserve.errors import ModelError
 from tinyserve.manifest import InputSpec, Manifest, write_manifest
 from tinyserve.repository import save_version, validate_name
-from tinyserve.scenes import LabelledFrames, load_test_frames
+from tinyserve.scene_data import LabelledFrames, load_test_frames
 from tinyserve.training.detect import (
     DetectionModel,
     build_detector,
