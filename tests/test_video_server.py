@@ -63,8 +63,10 @@ def _start(server: Server, source: str, **extra: Any) -> httpx.Response:
 
 
 def test_starting_a_stream_needs_the_admin_token_and_a_confined_source(server: Server) -> None:
-    assert httpx.get(f"{server.url}/v1/streams").json() == {"streams": []}
-    refused = httpx.post(f"{server.url}/v1/streams", json={"source": "clip/video.mp4"})
+    # The first streams request loads the video stack (PyAV, the tracker): on a busy machine
+    # that takes longer than httpx's default 5 s.
+    assert httpx.get(f"{server.url}/v1/streams", timeout=60).json() == {"streams": []}
+    refused = httpx.post(f"{server.url}/v1/streams", json={"source": "clip/video.mp4"}, timeout=30)
     assert refused.status_code in (401, 403)
     for source in (
         "../../etc/passwd",
@@ -76,7 +78,7 @@ def test_starting_a_stream_needs_the_admin_token_and_a_confined_source(server: S
         answer = _start(server, source)
         assert answer.status_code in (403, 422), (source, answer.text)
         assert "error" in answer.json()
-    assert httpx.get(f"{server.url}/v1/streams").json() == {"streams": []}
+    assert httpx.get(f"{server.url}/v1/streams", timeout=30).json() == {"streams": []}
 
 
 def test_a_stream_runs_with_events_view_and_metrics_and_a_broken_one_fails_alone(
