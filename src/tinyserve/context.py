@@ -39,9 +39,8 @@ from tinyserve.errors import (
 from tinyserve.http_errors import ErrorReply, Shape, as_error, error_reply
 from tinyserve.imaging import Decoded, Pixels, decode_upload
 from tinyserve.manifest import InputSpec
-from tinyserve.metrics import Metrics
+from tinyserve.metrics import Metrics, ProductionMetrics
 from tinyserve.peers import Answer, Peers
-from tinyserve.production_metrics import ProductionMetrics
 from tinyserve.registry import LoadedModel, ModelRegistry
 from tinyserve.requests import Version, top_k_param
 from tinyserve.rollout import Rollout

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tinyserve.errors import ConfigError
-from tinyserve.production_metrics import ProductionMetrics
+from tinyserve.metrics import ProductionMetrics
 from tinyserve.repository import ROLLOUT_KEYS
 
 __all__ = [
