@@ -207,7 +207,8 @@ def test_the_app_splits_traffic_and_keeps_users_sticky(
     repo = repo_with(tmp_path, 'traffic = {1 = 70, 2 = 30}\nsticky = "x-user"\n')
     client = app_client(repo=repo)
     answered = versions_of(client, 2000)
-    assert abs(answered[2] / 2000 - 0.30) <= 0.03, answered
+    # Each unpinned request draws its arm at random: sigma is 1 pt at 2,000, so 5 pt is ~5 sigma.
+    assert abs(answered[2] / 2000 - 0.30) <= 0.05, answered
     for user in ("ann", "ben", "cat"):
         assert len(versions_of(client, 10, **{"x-user": user})) == 1
     pinned = client.post("/predict?version=1", content=IMAGE, headers=PNG).json()
