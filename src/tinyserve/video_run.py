@@ -109,6 +109,8 @@ def load_detectors(
 def load_classifier(
     repo: Path, target: str, engine_config: EngineConfig
 ) -> tuple[str, int, Engine]:
+    if target == DEFAULT_CLASSIFIER:  # the first of VIDEO_CLASSIFIERS the repository has
+        target = default_classifier(lambda name: (repo / name).is_dir())
     versions = model_versions(repo, target)
     name = Path(target.partition(":")[0]).name
     folder = repo / name if (repo / name).exists() else Path(name)
@@ -157,10 +159,7 @@ async def run_video(
     )
     classifier = None
     if config.classifier:
-        target = config.classifier
-        if target == DEFAULT_CLASSIFIER:
-            target = default_classifier(lambda name: (config.repo / name).is_dir())
-        cname, cversion, cengine = load_classifier(config.repo, target, engine_config)
+        cname, cversion, cengine = load_classifier(config.repo, config.classifier, engine_config)
         cbatcher = Batcher(cengine.infer, batch, f"{cname}:{cversion}")
         cbatcher.start()
         batchers.append(cbatcher)

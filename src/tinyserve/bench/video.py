@@ -26,7 +26,6 @@ from tinyserve.detection import detect_all, from_output, iou_matrix, score_detec
 from tinyserve.engine import EngineConfig
 from tinyserve.scene_data import load_test_frames, read_gt
 from tinyserve.tracking import crop_square
-from tinyserve.video_pipeline import DEFAULT_CLASSIFIER, default_classifier
 from tinyserve.video_run import VideoConfig, load_classifier, load_detectors, run_video
 
 MIN_VISIBILITY = 0.3
@@ -279,10 +278,7 @@ def naive_loop(config: BenchVideoConfig, log: Callable[[str], None]) -> dict[str
     _, _, detector = max(
         engines, key=lambda e: e[1] if "optimization" not in e[2].manifest.source else -1
     )
-    target = config.classifier
-    if target == DEFAULT_CLASSIFIER:
-        target = default_classifier(lambda name: (config.repo / name).is_dir())
-    _, _, classifier = load_classifier(config.repo, target, EngineConfig())
+    _, _, classifier = load_classifier(config.repo, config.classifier, EngineConfig())
     spec, cspec = detector.manifest.input, classifier.manifest.input
     video = videos(config.scenes)[0]
     frames = boxes = 0
