@@ -426,3 +426,56 @@ def test_an_image_folder_is_one_sequence_in_name_order(tmp_path: Path) -> None:
     assert [f.index for f in frames if f] == [1, 2, 3, 4, 5]
     reds = [int(f.pixels[..., 0].mean()) for f in frames if f]
     assert reds == sorted(reds) and frames[0] is not None and frames[0].pixels.shape == (24, 32, 3)
+
+
+def test_detector_pixels_match_ffmpegs_scaler_in_colour_and_shape() -> None:
+    import av
+
+    from tinyserve.video_sources import detector_pixels
+
+    rgb = np.zeros((480, 640, 3), np.uint8)
+    rgb[..., 1] = np.linspace(0, 255, 640, dtype=np.uint8)[None, :]  # a green ramp
+    rgb[100:300, 100:300] = (220, 30, 30)  # a red square
+    rgb[320:420, 400:600] = (30, 30, 220)  # a blue one
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    for width, height in ((320, 240), (256, 192), (160, 120)):
+        ours = detector_pixels(frame, width, height)
+        ffmpeg = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
+        assert ours.shape == ffmpeg.shape == (height, width, 3) and ours.dtype == np.uint8
+        assert np.abs(ours.astype(int) - ffmpeg.astype(int)).mean() < 3.0
+        sx, sy = width / 640, height / 480
+        red = ours[int(200 * sy), int(200 * sx)]
+        blue = ours[int(370 * sy), int(500 * sx)]
+        assert red[0] > 180 and red[1:].max() < 70 and blue[2] > 180 and blue[:2].max() < 70
+    # Odd sizes and full-range frames go through FFmpeg's scaler itself.
+    odd = frame.to_ndarray(width=321, height=241, format="rgb24", interpolation="AREA")
+    assert np.array_equal(detector_pixels(frame, 321, 241), odd)
+    full = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
+    expected = full.to_ndarray(width=320, height=240, format="rgb24", interpolation="AREA")
+    assert np.array_equal(detector_pixels(full, 320, 240), expected)
+
+
+def test_decoding_skips_the_deblocking_filter_unless_frames_are_kept(scenes: Path) -> None:
+    import av
+
+    from tinyserve.video_sources import _grey_plane, configure_decoding
+
+    video = next((scenes / "test").glob("*/video.mp4"))
+
+    def frames(deblock: bool) -> np.ndarray:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            configure_decoding(stream, deblock=deblock)
+            return np.stack([_grey_plane(f)[0] for f in container.decode(stream)])
+
+    fast, filtered = frames(False), frames(True)
+    assert fast.shape == filtered.shape
+    diff = np.abs(fast.astype(int) - filtered.astype(int))
+    assert diff.max() > 0 and diff.mean() < 3.0  # the filter only touches block edges
+    policy = SourcePolicy(confined=False)
+    assert not Decoder(str(video), (64, 48), policy).deblock
+    kept = Decoder(str(video), (64, 48), policy, keep_images=True, max_frames=5)
+    kept.start()
+    kept.join(10)
+    first = kept.get()
+    assert first is not None and np.array_equal(first.plane, filtered[0])

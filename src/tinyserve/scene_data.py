@@ -82,6 +82,8 @@ def load_test_frames(
     resized to the input, with their ground truth."""
     import av
 
+    from tinyserve.video_sources import configure_decoding, detector_pixels
+
     sequences = sorted(p for p in (root / "test").glob("*/video.mp4"))
     if not sequences:
         raise DatasetError(f"no test videos under {root / 'test'}; run 'tinyserve data scenes'")
@@ -90,15 +92,13 @@ def load_test_frames(
     for video in sequences:
         truth = read_gt(video.parent / "gt" / "gt.txt")
         with av.open(str(video)) as container:
-            for number, frame in enumerate(container.decode(video=0), start=1):
+            stream = container.streams.video[0]
+            configure_decoding(stream)
+            for number, frame in enumerate(container.decode(stream), start=1):
                 if (number - 1) % every:
                     continue
                 size = (frame.width, frame.height)
-                images.append(
-                    frame.to_ndarray(
-                        width=width, height=height, format="rgb24", interpolation="AREA"
-                    )
-                )
+                images.append(detector_pixels(frame, width, height))
                 rows = truth.get(number, [])
                 xyxy = np.array(
                     [(x, y, x + w, y + h) for _, _, x, y, w, h, _ in rows], dtype=np.float32

@@ -67,6 +67,7 @@ class VideoConfig:
     max_frames: int | None = None
     track: TrackConfig = field(default_factory=TrackConfig)
     decode_threads: int = 1  # FFmpeg threads per decoder (video_sources.Decoder.threads)
+    deblock: bool = False  # run FFmpeg's deblocking filter (video_sources.Decoder.deblock)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -181,6 +182,7 @@ async def run_video(
             keep_images=config.out is not None,
             max_frames=config.max_frames,
             threads=config.decode_threads,
+            deblock=config.deblock,
         )
         mot = _suffixed(config.mot, index, count)
         out = _suffixed(config.out, index, count)

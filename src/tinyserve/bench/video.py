@@ -27,6 +27,7 @@ from tinyserve.engine import EngineConfig
 from tinyserve.scene_data import load_test_frames, read_gt
 from tinyserve.tracking import crop_square
 from tinyserve.video_run import VideoConfig, load_classifier, load_detectors, run_video
+from tinyserve.video_sources import configure_decoding, detector_pixels
 
 MIN_VISIBILITY = 0.3
 
@@ -284,11 +285,10 @@ def naive_loop(config: BenchVideoConfig, log: Callable[[str], None]) -> dict[str
     frames = boxes = 0
     started = time.perf_counter()
     with av.open(str(video)) as container:
-        for decoded in container.decode(video=0):
-            pixels = np.asarray(
-                decoded.to_ndarray(width=spec.width, height=spec.height, format="rgb24"),
-                dtype=np.uint8,
-            )
+        stream = container.streams.video[0]
+        configure_decoding(stream)
+        for decoded in container.decode(stream):
+            pixels = detector_pixels(decoded, spec.width, spec.height)
             luma = np.asarray(decoded.to_ndarray(format="gray"), dtype=np.uint8)
             rows = detector.infer(pixels[None])[0]
             found = from_output(rows, decoded.width, decoded.height, 0.3)
