@@ -479,3 +479,19 @@ def test_decoding_skips_the_deblocking_filter_unless_frames_are_kept(scenes: Pat
     kept.join(10)
     first = kept.get()
     assert first is not None and np.array_equal(first.plane, filtered[0])
+
+
+def test_bench_video_scores_and_times_the_naive_loop_on_small_scenes(scenes: Path) -> None:
+    from tinyserve.bench.video import BenchVideoConfig, run_bench
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    config = BenchVideoConfig(scenes, models, detector="scene-det:1", parts=("accuracy", "naive"))
+    lines: list[str] = []
+    result = run_bench(config, lines.append)
+    (detector,) = result["detectors"]
+    assert 0.0 <= detector["map50"] <= 1.0
+    tracking = result["tracking"]
+    assert {"mota", "idf1"} <= set(tracking) and tracking["idf1"] <= 1.0
+    naive = result["naive"]
+    assert naive["frames"] == 60 and naive["fps"] > 0
+    assert any(line.startswith("naive loop:") for line in lines)
