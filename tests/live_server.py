@@ -57,6 +57,16 @@ class Server:
         self.log.seek(0)
         return self.log.read()
 
+    def output_with(self, *needles: str, timeout: float = 10.0) -> str:
+        """The output once every one of ``needles`` is in it (the server's log lines of a
+        request may land a moment after its answer), or as it is after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not all(n in (text := self.output()) for n in needles):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return text
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
