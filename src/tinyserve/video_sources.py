@@ -330,16 +330,30 @@ def detector_pixels(decoded: Any, width: int, height: int) -> Pixels:
 
 def _i420_planes(decoded: Any) -> tuple[Pixels, Pixels, Pixels] | None:
     """The Y, U and V planes of a limited-range yuv420p frame (views), else None."""
-    if decoded.format.name != "yuv420p" or int(getattr(decoded, "color_range", 1) or 1) == 2:
+    if decoded.format.name != "yuv420p" or _full_range(decoded):
         return None
     if decoded.width % 2 or decoded.height % 2:
         return None
-    sizes = ((decoded.width, decoded.height),) + ((decoded.width // 2, decoded.height // 2),) * 2
-    views = []
-    for plane, (w, h) in zip(decoded.planes, sizes, strict=True):
-        data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-        views.append(data[:h, :w])
-    return views[0], views[1], views[2]
+    w, h = decoded.width, decoded.height
+    return (
+        _plane_view(decoded.planes[0], w, h),
+        _plane_view(decoded.planes[1], w // 2, h // 2),
+        _plane_view(decoded.planes[2], w // 2, h // 2),
+    )
+
+
+def _plane_view(plane: Any, width: int, height: int) -> Pixels:
+    """A decoded plane as a ``height`` x ``width`` array: a view of the decoder's buffer,
+    which is reused for later frames (copy what must outlive the frame)."""
+    data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
+    return data[:height, :width]
+
+
+def _full_range(decoded: Any) -> bool:
+    """Whether a YUV frame's luma is full range (0-255) rather than video's 16-235."""
+    return bool(
+        decoded.format.name.startswith("yuvj") or int(getattr(decoded, "color_range", 1) or 1) == 2
+    )
 
 
 def _shrink(plane: Pixels, width: int, height: int) -> Pixels:
@@ -362,12 +376,9 @@ def _grey_plane(decoded: Any) -> tuple[Pixels, bool]:
     For YUV frames that is a copy of the Y plane itself (no colour conversion; a copy since
     the plane is the decoder's buffer, reused for later frames).
     """
-    name = decoded.format.name
-    if name in ("yuv420p", "yuvj420p", "yuv422p", "yuv444p", "nv12"):
-        plane = decoded.planes[0]
-        data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-        full = name.startswith("yuvj") or int(getattr(decoded, "color_range", 1) or 1) == 2
-        return np.array(data[:, : decoded.width], copy=True), not full
+    if decoded.format.name in ("yuv420p", "yuvj420p", "yuv422p", "yuv444p", "nv12"):
+        luma = _plane_view(decoded.planes[0], decoded.width, decoded.planes[0].height)
+        return np.array(luma, copy=True), not _full_range(decoded)
     return np.asarray(decoded.to_ndarray(format="gray"), dtype=np.uint8), False
 
 
